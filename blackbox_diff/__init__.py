@@ -1,0 +1,54 @@
+"""blackbox_diff: make any solver differentiable.
+
+A black-box solver maps parameters to a solution z*; an optimality condition F(z, params) = 0 holds at
+z*; the implicit function theorem turns dL/dz* into dL/dparams with one adjoint linear solve.
+"""
+
+from blackbox_diff._backend import AbstractBackend, Compiled
+from blackbox_diff._checks import GradientReport, check_gradients
+from blackbox_diff._conditions import KKT, AbstractCondition, Argmin, FixedPoint, KKTSolution, Root
+from blackbox_diff._errors import (
+    BackendUnavailableError,
+    BlackBoxDiffError,
+    CertificationError,
+    InputError,
+    LinearSolveError,
+    PluginError,
+    SolverError,
+)
+from blackbox_diff._executable import Executable
+from blackbox_diff._hookspecs import hookimpl
+from blackbox_diff._implicit import ImplicitFunction, implicit
+from blackbox_diff._layer import layer
+from blackbox_diff._options import ImplicitOptions
+from blackbox_diff._registry import backends, plugin_manager
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AbstractBackend",
+    "AbstractCondition",
+    "Argmin",
+    "BackendUnavailableError",
+    "BlackBoxDiffError",
+    "CertificationError",
+    "Compiled",
+    "Executable",
+    "FixedPoint",
+    "GradientReport",
+    "ImplicitFunction",
+    "ImplicitOptions",
+    "InputError",
+    "KKT",
+    "KKTSolution",
+    "LinearSolveError",
+    "PluginError",
+    "Root",
+    "SolverError",
+    "backends",
+    "check_gradients",
+    "hookimpl",
+    "implicit",
+    "layer",
+    "plugin_manager",
+]

@@ -1,0 +1,100 @@
+"""The extension point for solver families: `AbstractBackend` and what it compiles to, `Compiled`."""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import importlib.util
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict
+
+from blackbox_diff._conditions import AbstractCondition
+from blackbox_diff._errors import BackendUnavailableError
+
+__all__ = ["AbstractBackend", "Compiled"]
+
+
+@dataclasses.dataclass
+class Compiled:
+    """Everything the engine needs to run and differentiate one problem.
+
+    Attributes:
+        solve: the black box for ONE instance: ``solve(*params) -> solution``. It receives float64 numpy
+            arrays (or torch tensors when ``options["arrays"] == "torch"``) shaped as `parameter_shapes`.
+        condition: the optimality condition that holds at the solution (Root/Argmin/FixedPoint/KKT or
+            any `AbstractCondition`, e.g. a residual built from the solver's own model).
+        parameter_shapes: the declared (unbatched) shape of each parameter, in call order.
+        variable_shapes: the shape of each output variable.
+        outputs: maps the engine's batched result (what ``condition.finish`` returns) to the tuple of
+            variable tensors the layer returns. None: the result is returned as a 1-tuple.
+        options: defaults for `bbd.implicit` options (e.g. the linear solver); the user's options win.
+        backend: the backend's name, used in error messages.
+    """
+
+    solve: Callable[..., Any]
+    condition: AbstractCondition
+    parameter_shapes: Sequence[tuple[int, ...]]
+    variable_shapes: Sequence[tuple[int, ...]] = ()
+    outputs: Callable[[Any], tuple] | None = None
+    options: dict[str, Any] = dataclasses.field(default_factory=dict)
+    backend: str = ""
+
+
+class AbstractBackend(abc.ABC):
+    """A solver family: which problems it accepts and how to compile them into a `Compiled`.
+
+    Class attributes:
+        name: the registry key (``bbd.layer(..., backend=name)``).
+        requires: importable module names the backend needs; a missing one makes it unavailable.
+        extra: the pip extra that installs them (``pip install "blackbox-diff[extra]"``).
+        problem_types: a short human description of what it accepts, for ``blackbox-diff plugins``.
+        returns_duals: whether its solutions carry multipliers.
+        Options: a pydantic model (extra="forbid") of the backend's own options.
+    """
+
+    name: ClassVar[str] = ""
+    requires: ClassVar[tuple[str, ...]] = ()
+    extra: ClassVar[str | None] = None
+    problem_types: ClassVar[str] = ""
+    returns_duals: ClassVar[bool] = False
+
+    class Options(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+
+    def available(self) -> bool:
+        """True when every module in `requires` can be imported (checked without importing it)."""
+        return all(importlib.util.find_spec(mod) is not None for mod in self.requires)
+
+    def require(self) -> None:
+        """Raise `BackendUnavailableError` with the install hint when the backend's library is missing."""
+        missing = [m for m in self.requires if importlib.util.find_spec(m) is None]
+        if missing:
+            extra = self.extra or self.name
+            raise BackendUnavailableError(
+                f"Backend {self.name!r} needs {', '.join(missing)}, which is not installed. "
+                f'Install it with: pip install "blackbox-diff[{extra}]"'
+            )
+
+    @abc.abstractmethod
+    def accepts(self, problem: Any) -> bool:
+        """Whether this backend understands `problem`. Must not import optional libraries eagerly
+        when a cheap check (module name of the problem's type) answers."""
+
+    @abc.abstractmethod
+    def compile(
+        self,
+        problem: Any,
+        parameters: Sequence[Any] | None,
+        variables: Sequence[Any] | None,
+        options: dict[str, Any],
+    ) -> Compiled:
+        """Build the black box and its optimality condition for `problem`.
+
+        Args:
+            problem: the user's problem object (a cvxpy.Problem, casadi.Opti, a condition, ...).
+            parameters: the problem's parameter handles, in the order the layer is called with.
+            variables: the variable handles whose values the layer returns.
+            options: the backend options the user passed to `bbd.layer` (validate with `Options`).
+        """

@@ -1,0 +1,239 @@
+"""Optimality conditions: one small residual type per problem class.
+
+Each condition states an invariant ``residual(z, *params) == 0`` that the black box's answer satisfies,
+and a structure hint that tells the adjoint solver what kind of Jacobian ``dF/dz`` to expect. Residuals are
+written per instance with torch.func so the engine can vmap them over a batch and differentiate them.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+from collections.abc import Callable
+from typing import Any, ClassVar, Literal
+
+import torch
+
+from blackbox_diff._errors import InputError
+
+__all__ = ["AbstractCondition", "Argmin", "FixedPoint", "KKT", "KKTSolution", "Root", "Structure"]
+
+Structure = Literal["general", "symmetric", "spd", "fixed_point"]
+
+
+class AbstractCondition(abc.ABC):
+    """An optimality condition F(z, *params) = 0 that holds at the black box's answer.
+
+    Subclasses define `residual`, and may override `prepare`/`finish` when the black box's answer is
+    not the unknown vector itself (KKT multipliers, active sets).
+    """
+
+    structure: ClassVar[Structure] = "general"
+    # True when `prepare` wants the black box's raw answer (e.g. a KKTSolution) rather than a tensor.
+    raw_solution: ClassVar[bool] = False
+
+    @abc.abstractmethod
+    def residual(self, z: torch.Tensor, *params: Any) -> torch.Tensor:
+        """F(z, *params) for one instance: a tensor with as many elements as z."""
+
+    def certificate(self, z: torch.Tensor, *params: Any) -> torch.Tensor:
+        """The vector whose largest magnitude certifies the answer (default: the residual)."""
+        return self.residual(z, *params)
+
+    def prepare(self, solution: Any, params: tuple[Any, ...], options: Any) -> tuple[torch.Tensor, tuple]:
+        """Turn one black-box answer (already a tensor for this base) into (z, aux).
+
+        `aux` holds per-instance tensors that `residual` receives after z and before the parameters.
+        """
+        return solution, ()
+
+    def finish(self, z: torch.Tensor, aux: tuple, options: Any) -> Any:
+        """Map the batched unknowns z (B, *shape) back to what the user receives."""
+        return z
+
+    def describe(self) -> str:
+        return type(self).__name__
+
+
+def _check_callable(fn: Any, what: str, cls: str) -> None:
+    if not callable(fn):
+        raise InputError(
+            f"{cls} expects {what} to be a callable taking (z, *params) and returning a tensor; "
+            f"got {type(fn).__name__}. Pass a function, e.g. {cls}(lambda z, w: z**2 - w)."
+        )
+
+
+class Root(AbstractCondition):
+    """The black box returns z with ``F(z, *params) == 0`` (F square: as many outputs as z).
+
+    Args:
+        F: the residual, per instance.
+        structure: what is known of dF/dz: "general" (default), "symmetric" (e.g. F is a gradient or a
+            KKT system: MINRES), or "spd" (F is the gradient of a strictly convex function: CG).
+    """
+
+    structure = "general"
+
+    def __init__(self, F: Callable[..., torch.Tensor], structure: Structure = "general") -> None:
+        _check_callable(F, "F", "Root")
+        if structure not in ("general", "symmetric", "spd", "fixed_point"):
+            raise InputError(
+                f"Root(structure=...) must be 'general', 'symmetric', 'spd' or 'fixed_point'; got {structure!r}."
+            )
+        self.F = F
+        self.structure = structure
+
+    def residual(self, z: torch.Tensor, *params: Any) -> torch.Tensor:
+        return self.F(z, *params)
+
+
+class FixedPoint(AbstractCondition):
+    """The black box returns z with ``z == T(z, *params)``; residual z - T(z, *params)."""
+
+    structure = "fixed_point"
+
+    def __init__(self, T: Callable[..., torch.Tensor]) -> None:
+        _check_callable(T, "T", "FixedPoint")
+        self.T = T
+
+    def residual(self, z: torch.Tensor, *params: Any) -> torch.Tensor:
+        return z - self.T(z, *params)
+
+
+class Argmin(AbstractCondition):
+    """The black box returns a (local) minimiser z of the scalar ``f(z, *params)``; residual grad_z f.
+
+    The adjoint system is the Hessian, symmetric positive definite at a strict local minimum, so the
+    default adjoint solver is CG on Hessian-vector products (no Hessian is formed).
+    """
+
+    structure = "spd"
+
+    def __init__(self, f: Callable[..., torch.Tensor]) -> None:
+        _check_callable(f, "f", "Argmin")
+        self.f = f
+
+    def _scalar(self, z: torch.Tensor, *params: Any) -> torch.Tensor:
+        value = self.f(z, *params)
+        if value.numel() != 1:
+            raise InputError(
+                f"Argmin expects f to return a scalar; it returned shape {tuple(value.shape)}. "
+                "Sum or reduce the objective inside f."
+            )
+        return value.reshape(())
+
+    def residual(self, z: torch.Tensor, *params: Any) -> torch.Tensor:
+        return torch.func.grad(self._scalar)(z, *params)
+
+
+@dataclasses.dataclass
+class KKTSolution:
+    """A primal-dual point of ``min f(x) s.t. h(x) = 0, g(x) <= 0``.
+
+    Lagrangian convention: L = f + eq^T h + ineq^T g, with ineq >= 0.
+
+    Attributes:
+        x: the primal solution.
+        eq: multipliers of the equality constraints (None: recover them).
+        ineq: multipliers of the inequality constraints (None: recover them).
+    """
+
+    x: Any
+    eq: Any = None
+    ineq: Any = None
+
+
+def _flat(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    if t is None:
+        return like.new_zeros(0)
+    return t.reshape(-1)
+
+
+class KKT(AbstractCondition):
+    """x solves ``min f(x, *params) s.t. eq(x, *params) == 0, ineq(x, *params) <= 0``.
+
+    The unknowns are z = (x, nu, lam). The residual is stated on the active set A identified at the
+    black box's answer (from slacks and multipliers together):
+
+        grad_x [f + nu^T h + (a*lam)^T g] = 0,   h = 0,   a*g + (1-a)*lam = 0,
+
+    with a the 0/1 indicator of A. Inactive multipliers are pinned to zero, active constraints hold with
+    equality, so the Jacobian is the symmetric KKT matrix of the equality-constrained problem on A. This
+    is the explicit-active-set form; the complementarity form lam*g = 0 at an interior-point iterate is
+    biased when a constraint is weakly active, and is not used.
+    """
+
+    structure = "symmetric"
+    raw_solution = True
+
+    def __init__(
+        self,
+        f: Callable[..., torch.Tensor],
+        eq: Callable[..., torch.Tensor] | None = None,
+        ineq: Callable[..., torch.Tensor] | None = None,
+    ) -> None:
+        _check_callable(f, "f", "KKT")
+        if eq is not None:
+            _check_callable(eq, "eq", "KKT")
+        if ineq is not None:
+            _check_callable(ineq, "ineq", "KKT")
+        self.f, self.eq, self.ineq = f, eq, ineq
+        # Set by `prepare` on the engine's per-call copy of the condition, never on the user's object.
+        self._sizes: tuple[torch.Size, int, int] | None = None
+
+    # --- sizes -------------------------------------------------------------------------------
+    def h(self, x: torch.Tensor, *params: Any) -> torch.Tensor:
+        return _flat(None if self.eq is None else self.eq(x, *params), x)
+
+    def g(self, x: torch.Tensor, *params: Any) -> torch.Tensor:
+        return _flat(None if self.ineq is None else self.ineq(x, *params), x)
+
+    def set_sizes(self, x_shape: torch.Size, n_eq: int, n_ineq: int) -> None:
+        self._sizes = (torch.Size(x_shape), n_eq, n_ineq)
+
+    def split(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        shape, p, m = self._sizes  # type: ignore[misc]
+        n = shape.numel()
+        return z[:n].reshape(shape), z[n : n + p], z[n + p : n + p + m]
+
+    # --- residual ------------------------------------------------------------------------------
+    def lagrangian(self, x, nu, lam, active, *params):
+        value = self.f(x, *params).reshape(())
+        if nu.numel():
+            value = value + (nu * self.h(x, *params)).sum()
+        if lam.numel():
+            value = value + (active * lam * self.g(x, *params)).sum()
+        return value
+
+    def residual(self, z: torch.Tensor, active: torch.Tensor, *params: Any) -> torch.Tensor:
+        x, nu, lam = self.split(z)
+        stationarity = torch.func.grad(self.lagrangian)(x, nu, lam, active, *params).reshape(-1)
+        parts = [stationarity]
+        if nu.numel():
+            parts.append(self.h(x, *params))
+        if lam.numel():
+            parts.append(active * self.g(x, *params) + (1 - active) * lam)
+        return torch.cat(parts)
+
+    def certificate(self, z: torch.Tensor, active: torch.Tensor, *params: Any) -> torch.Tensor:
+        """Residual plus primal feasibility of inactive constraints and dual feasibility of active ones."""
+        r = self.residual(z, active, *params)
+        x, _, lam = self.split(z)
+        if not lam.numel():
+            return r
+        g = self.g(x, *params)
+        return torch.cat([r, (1 - active) * torch.relu(g), active * torch.relu(-lam)])
+
+    # --- black-box answer -> unknowns ----------------------------------------------------------
+    def prepare(self, solution: Any, params: tuple[Any, ...], options: Any) -> tuple[torch.Tensor, tuple]:
+        from blackbox_diff._active_set import kkt_unknowns
+
+        return kkt_unknowns(self, solution, params, options)
+
+    def finish(self, z: torch.Tensor, aux: tuple, options: Any) -> Any:
+        shape, p, m = self._sizes  # type: ignore[misc]
+        n = shape.numel()
+        x = z[..., :n].reshape(*z.shape[:-1], *shape)
+        if not options.return_duals:
+            return x
+        return KKTSolution(x=x, eq=z[..., n : n + p], ineq=z[..., n + p : n + p + m])

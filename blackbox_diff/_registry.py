@@ -1,0 +1,367 @@
+"""The plugin manager: a typed pluggy manager that knows the solver backends.
+
+Plugins come from the entry-point group ``blackbox_diff`` (built-in backends included: they are declared in
+blackbox-diff's own pyproject exactly like a third-party plugin) and from run-time registration
+(``bbd.plugin_manager().register(obj)``). Loading is lazy (the first call that needs the registry), happens
+once per process, and is thread-safe. A plugin that fails to import, or registers something invalid, is
+recorded in `plugin_errors()` (and, for a failed import, listed by `backends()` as unavailable) and warned
+about; it never breaks ``import blackbox_diff`` or the other plugins.
+
+Environment: ``BLACKBOX_DIFF_DISABLE_PLUGINS`` = ``1`` / ``all`` skips every third-party entry point (the
+built-in backends still load); a comma-separated list of entry-point names (``mysolver,casadi``) skips
+exactly those, built-in or not. Read when the registry first loads (see `reset` for tests).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.metadata
+import importlib.util
+import os
+import threading
+import warnings
+from collections.abc import Iterable
+from typing import Any
+
+import pluggy
+
+from blackbox_diff import _hookspecs
+from blackbox_diff._backend import AbstractBackend
+from blackbox_diff._errors import PluginError
+
+__all__ = [
+    "BUILTIN_PLUGINS",
+    "DISABLE_ENV",
+    "BackendInfo",
+    "PluginFailure",
+    "PluginManager",
+    "backends",
+    "find_backend",
+    "get_backend",
+    "plugin_errors",
+    "plugin_manager",
+    "reset",
+]
+
+DISABLE_ENV = "BLACKBOX_DIFF_DISABLE_PLUGINS"
+GROUP = _hookspecs.PROJECT_NAME
+DISTRIBUTION = "blackbox-diff"
+#: entry-point name -> module of the backends shipped in plugins/ (mirrors pyproject.toml).
+BUILTIN_PLUGINS: dict[str, str] = {
+    "scipy": "blackbox_diff_scipy",
+    "subprocess": "blackbox_diff_subprocess",
+    "cvxpy": "blackbox_diff_cvxpy",
+    "casadi": "blackbox_diff_casadi",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class BackendInfo:
+    """One row of ``blackbox-diff plugins``.
+
+    Attributes:
+        name: the backend's registry key (``bbd.layer(..., backend=name)``).
+        package: the distribution (or top-level module) that provides it.
+        available: whether its solver library is importable.
+        problem_types: what it accepts, in words.
+        returns_duals: whether its solutions carry multipliers.
+        error: why it is unavailable (missing library and the pip hint, or the plugin's import error).
+    """
+
+    name: str
+    package: str
+    available: bool
+    problem_types: str
+    returns_duals: bool
+    error: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class PluginFailure:
+    """A plugin that failed to load or registered something invalid."""
+
+    plugin: str
+    package: str
+    error: str
+
+
+@dataclasses.dataclass
+class _Entry:
+    backend: AbstractBackend
+    package: str
+
+
+def _entry_points() -> list[Any]:
+    """The installed entry points of the group (tests monkeypatch this)."""
+    return list(importlib.metadata.entry_points(group=GROUP))
+
+
+def _disabled() -> tuple[bool, set[str]]:
+    raw = os.environ.get(DISABLE_ENV, "").strip()
+    if raw.lower() in ("", "0", "false", "no"):
+        return False, set()
+    if raw.lower() in ("1", "all", "true", "yes"):
+        return True, set()
+    return False, {part.strip() for part in raw.split(",") if part.strip()}
+
+
+def _package_of(plugin: Any) -> str:
+    module = getattr(plugin, "__name__", None) if isinstance(plugin, type(os)) else type(plugin).__module__
+    top = (module or "?").split(".")[0]
+    return DISTRIBUTION if top in BUILTIN_PLUGINS.values() or top == "blackbox_diff" else top
+
+
+class PluginManager(pluggy.PluginManager):
+    """pluggy's manager for project ``blackbox_diff``, with a typed backend table on top.
+
+    Every hook call goes through `backend_table`, which calls each plugin's ``register_backends``
+    separately so that one faulty plugin cannot hide the others' backends.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(GROUP)
+        self.add_hookspecs(_hookspecs)
+        self._lock = threading.RLock()
+        self._table: dict[str, _Entry] | None = None
+        self._load_errors: list[PluginFailure] = []
+        self._build_errors: list[PluginFailure] = []
+        self._packages: dict[str, str] = {}
+
+    # --- registration ---------------------------------------------------------------------------
+    def register(self, plugin: Any, name: str | None = None) -> str | None:
+        """Register a plugin object or module (pluggy's `register`); the backend table is rebuilt."""
+        with self._lock:
+            result = super().register(plugin, name)
+            if result is not None:
+                self._packages.setdefault(result, _package_of(plugin))
+            self._table = None
+            return result
+
+    def unregister(self, plugin: Any = None, name: str | None = None) -> Any:
+        """Unregister a plugin (pluggy's `unregister`); the backend table is rebuilt."""
+        with self._lock:
+            result = super().unregister(plugin, name)
+            self._table = None
+            return result
+
+    def load_entry_points(self, entry_points: Iterable[Any] | None = None) -> None:
+        """Import and register every plugin of the entry-point group (honouring the disable variable).
+
+        Built-in backends come through the same group. When blackbox-diff itself is not installed (a
+        source checkout on PYTHONPATH), its own entry points are not visible; each built-in plugin module
+        that no entry point names is then registered by module name, if it is importable, so that a
+        checkout behaves like an installation.
+        """
+        everything, names = _disabled()
+        eps = list(_entry_points() if entry_points is None else entry_points)
+        builtin_modules = set(BUILTIN_PLUGINS.values())
+        seen_modules = set()
+        for ep in eps:
+            module = ep.value.split(":")[0]
+            seen_modules.add(module)
+            if ep.name in names or (everything and module not in builtin_modules):
+                continue
+            dist = getattr(ep, "dist", None)
+            package = getattr(dist, "name", None) or module.split(".")[0]
+            if module in builtin_modules:
+                package = DISTRIBUTION
+            self._load(ep.name, package, ep.load)
+        for name, module in BUILTIN_PLUGINS.items():
+            if module in seen_modules or name in names or importlib.util.find_spec(module) is None:
+                continue
+            self._load(name, DISTRIBUTION, lambda module=module: importlib.import_module(module))
+
+    def _load(self, name: str, package: str, load: Any) -> None:
+        if self.has_plugin(name):
+            return
+        try:
+            plugin = load()
+            self.register(plugin, name=name)
+            self._packages[name] = package
+        except Exception as err:  # noqa: BLE001 - a broken plugin must never break the package
+            failure = PluginFailure(name, package, f"import failed: {type(err).__name__}: {err}")
+            self._load_errors.append(failure)
+            warnings.warn(
+                f"blackbox_diff plugin {name!r} (package {package!r}) failed to load and is disabled: "
+                f"{type(err).__name__}: {err}. Reinstall or fix the package, or disable it with "
+                f"{DISABLE_ENV}={name}.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+
+    # --- the backend table ------------------------------------------------------------------------
+    def backend_table(self) -> dict[str, _Entry]:
+        """name -> (backend, package), in the order plugins are called (run-time plugins first)."""
+        with self._lock:
+            if self._table is None:
+                self._table, self._build_errors = self._build()
+                for failure in self._build_errors:
+                    warnings.warn(
+                        f"blackbox_diff plugin {failure.plugin!r} (package {failure.package!r}): {failure.error}",
+                        RuntimeWarning,
+                        stacklevel=4,
+                    )
+            return self._table
+
+    def _build(self) -> tuple[dict[str, _Entry], list[PluginFailure]]:
+        table: dict[str, _Entry] = {}
+        errors: list[PluginFailure] = []
+        # pluggy calls the last-registered implementation first; keep that order.
+        for impl in reversed(self.hook.register_backends.get_hookimpls()):
+            plugin_name = impl.plugin_name
+            package = self._packages.get(plugin_name) or _package_of(impl.plugin)
+
+            def register(backend: Any, _plugin=plugin_name, _package=package) -> None:
+                problem = _check_backend(backend)
+                if problem is None and backend.name in table:
+                    problem = (
+                        f"backend name {backend.name!r} is already registered by package "
+                        f"{table[backend.name].package!r}; this registration is ignored. Pick a unique name."
+                    )
+                if problem is not None:
+                    errors.append(PluginFailure(_plugin, _package, problem))
+                    return
+                table[backend.name] = _Entry(backend, _package)
+
+            try:
+                impl.function(register=register)
+            except Exception as err:  # noqa: BLE001 - one faulty plugin must not hide the others
+                errors.append(
+                    PluginFailure(plugin_name, package, f"register_backends raised {type(err).__name__}: {err}")
+                )
+        return table, errors
+
+    def failures(self) -> list[PluginFailure]:
+        """Load failures plus the problems found while building the backend table."""
+        self.backend_table()
+        return [*self._load_errors, *self._build_errors]
+
+
+def _check_backend(backend: Any) -> str | None:
+    if not isinstance(backend, AbstractBackend):
+        return (
+            f"register_backends registered a {type(backend).__name__}, expected an instance of "
+            "bbd.AbstractBackend (subclass it and pass an instance, not the class)."
+        )
+    if not isinstance(backend.name, str) or not backend.name:
+        return f"backend {type(backend).__name__} has no name; set the class attribute name = '...'."
+    return None
+
+
+_MANAGER: PluginManager | None = None
+_MANAGER_LOCK = threading.Lock()
+
+
+def plugin_manager() -> PluginManager:
+    """The process-wide plugin manager, created and loaded from entry points on first use.
+
+    ``bbd.plugin_manager().register(obj)`` registers a plugin at run time.
+    """
+    global _MANAGER
+    manager = _MANAGER
+    if manager is not None:
+        return manager
+    with _MANAGER_LOCK:
+        if _MANAGER is None:
+            manager = PluginManager()
+            manager.load_entry_points()
+            _MANAGER = manager
+        return _MANAGER
+
+
+def reset() -> None:
+    """Forget the loaded plugins; the next call loads them again (tests; after changing the env var)."""
+    global _MANAGER
+    with _MANAGER_LOCK:
+        _MANAGER = None
+
+
+def _info(name: str, entry: _Entry) -> BackendInfo:
+    backend = entry.backend
+    try:
+        available = bool(backend.available())
+        error = None
+        if not available:
+            try:
+                backend.require()
+            except Exception as err:  # noqa: BLE001 - the message is the point
+                error = str(err)
+            else:
+                error = "unavailable"
+    except Exception as err:  # noqa: BLE001 - a faulty backend is reported, not fatal
+        available, error = False, f"available() raised {type(err).__name__}: {err}"
+    return BackendInfo(
+        name=name,
+        package=entry.package,
+        available=available,
+        problem_types=str(backend.problem_types or ""),
+        returns_duals=bool(backend.returns_duals),
+        error=error,
+    )
+
+
+def backends() -> list[BackendInfo]:
+    """Every registered backend (and every plugin that failed to import), sorted by name."""
+    manager = plugin_manager()
+    rows = [_info(name, entry) for name, entry in manager.backend_table().items()]
+    listed = {row.name for row in rows}
+    for failure in manager._load_errors:
+        if failure.plugin not in listed:
+            rows.append(BackendInfo(failure.plugin, failure.package, False, "", False, failure.error))
+    return sorted(rows, key=lambda row: row.name)
+
+
+def plugin_errors() -> list[PluginFailure]:
+    """Plugins that failed to import or registered something invalid (each was also warned about)."""
+    return plugin_manager().failures()
+
+
+def _describe(table: dict[str, _Entry]) -> str:
+    if not table:
+        return "no backends are registered"
+    return "; ".join(f"{name!r} accepts {e.backend.problem_types or '?'}" for name, e in table.items())
+
+
+def get_backend(name: str) -> AbstractBackend:
+    """The backend registered under `name`.
+
+    Raises:
+        PluginError: no backend has that name (the message lists the registered ones).
+    """
+    table = plugin_manager().backend_table()
+    if name not in table:
+        failed = [f.plugin for f in plugin_manager()._load_errors]
+        hint = f" Plugins that failed to load: {failed}." if failed else ""
+        raise PluginError(
+            f"No backend named {name!r}. Registered backends: {sorted(table)}.{hint} Install the plugin "
+            "that provides it, or register one with bbd.plugin_manager().register(plugin)."
+        )
+    return table[name].backend
+
+
+def find_backend(problem: Any) -> AbstractBackend:
+    """The first available backend whose ``accepts(problem)`` is true.
+
+    Raises:
+        BackendUnavailableError: only an unavailable backend accepts it (the message has the pip hint).
+        PluginError: no backend accepts it (the message lists what each backend accepts).
+    """
+    table = plugin_manager().backend_table()
+    unavailable = []
+    for entry in table.values():
+        try:
+            accepted = bool(entry.backend.accepts(problem))
+        except Exception:  # noqa: BLE001 - a backend that cannot judge the problem does not accept it
+            accepted = False
+        if not accepted:
+            continue
+        if entry.backend.available():
+            return entry.backend
+        unavailable.append(entry.backend)
+    if unavailable:
+        unavailable[0].require()
+    raise PluginError(
+        f"No registered backend accepts a {type(problem).__module__}.{type(problem).__qualname__}. "
+        f"Registered: {_describe(table)}. Pass a problem one of them accepts, name one with backend=..., "
+        "or install/register a plugin for this problem type."
+    )

@@ -1,0 +1,142 @@
+"""The `blackbox-diff` command: `plugins`, `demo [NAME]`, `bench [NAME]`."""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import runpy
+import sys
+import time
+from pathlib import Path
+
+__all__ = ["main"]
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = ROOT / "examples"
+BENCHMARKS = ROOT / "benchmarks"
+# The showcase first: `make demo` runs the first of these that exists.
+DEFAULT_DEMOS = ("mpc_imitation", "seed_examples")
+
+
+def _scripts(folder: Path) -> dict[str, str]:
+    """name -> first docstring line of every runnable script in `folder`."""
+    out = {}
+    for path in sorted(folder.glob("*.py")):
+        if path.name.startswith("_"):
+            continue
+        doc = ast.get_docstring(ast.parse(path.read_text())) or ""
+        out[path.stem] = doc.strip().splitlines()[0] if doc.strip() else ""
+    return out
+
+
+def _run_script(path: Path, argv: list[str]) -> int:
+    old = sys.argv
+    sys.argv = [str(path), *argv]
+    try:
+        runpy.run_path(str(path), run_name="__main__")
+    except SystemExit as stop:
+        return int(stop.code or 0) if not isinstance(stop.code, str) else 1
+    finally:
+        sys.argv = old
+    return 0
+
+
+def _cmd_plugins(args: argparse.Namespace) -> int:
+    import blackbox_diff as bbd
+
+    rows = [("name", "package", "available", "problem types", "duals", "note")]
+    for info in bbd.backends():
+        rows.append(
+            (
+                info.name,
+                info.package or "",
+                "yes" if info.available else "no",
+                info.problem_types or "",
+                "yes" if info.returns_duals else "no",
+                info.error or "",
+            )
+        )
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
+    for k, r in enumerate(rows):
+        print("  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+        if k == 0:
+            print("  ".join("-" * w for w in widths))
+    return 0
+
+
+def _pick(folder: Path, name: str | None, defaults: tuple[str, ...], kind: str) -> Path | None:
+    scripts = _scripts(folder) if folder.is_dir() else {}
+    if name is None:
+        name = next((d for d in defaults if d in scripts), None)
+    if name is None or name not in scripts:
+        known = ", ".join(scripts) or "none found"
+        print(f"Unknown {kind} {name!r}. Available {kind}s: {known}.", file=sys.stderr)
+        return None
+    return folder / f"{name}.py"
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    if args.list:
+        for name, title in _scripts(EXAMPLES).items():
+            print(f"{name:24} {title}")
+        return 0
+    path = _pick(EXAMPLES, args.name, DEFAULT_DEMOS, "demo")
+    if path is None:
+        return 2
+    extra = [] if args.full else ["--fast"]
+    print(f"== blackbox-diff demo {path.stem} {' '.join(extra)}")
+    return _run_script(path, extra + args.rest)
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    folder = BENCHMARKS
+    names = [args.name] if args.name else [n for n in _scripts(folder)] if folder.is_dir() else []
+    if not names:
+        print(f"No benchmarks found in {folder}.", file=sys.stderr)
+        return 2
+    status = 0
+    for name in names:
+        path = _pick(folder, name, (), "benchmark")
+        if path is None:
+            return 2
+        print(f"\n== benchmark {name}")
+        start = time.perf_counter()
+        argv = ["--fast"] if args.fast else []
+        if args.json:
+            argv += ["--json", str(Path(args.json) / f"{name}.json")]
+        status |= _run_script(path, argv + args.rest)
+        print(f"   ({time.perf_counter() - start:.1f} s)")
+    return status
+
+
+def _cmd_replay(args: argparse.Namespace) -> int:
+    from blackbox_diff._replay import main as replay_main
+
+    return int(replay_main(args.rest) or 0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="blackbox-diff", description="Make any solver differentiable.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("plugins", help="list the registered backends").set_defaults(func=_cmd_plugins)
+    demo = sub.add_parser("demo", help="run a shipped example (default: the MPC imitation showcase)")
+    demo.add_argument("name", nargs="?", help="example name (see --list)")
+    demo.add_argument("--list", action="store_true", help="list the examples")
+    demo.add_argument("--full", action="store_true", help="full setting instead of --fast")
+    demo.add_argument("rest", nargs=argparse.REMAINDER, help="extra arguments for the example")
+    demo.set_defaults(func=_cmd_demo)
+    bench = sub.add_parser("bench", help="run the benchmark suite side by side with the anchor libraries")
+    bench.add_argument("name", nargs="?", help="one benchmark (default: all)")
+    bench.add_argument("--fast", action="store_true", help="small sizes, few repeats")
+    bench.add_argument("--json", metavar="DIR", help="also write each benchmark's table as JSON into DIR")
+    bench.add_argument("rest", nargs=argparse.REMAINDER, help="extra arguments for the benchmark")
+    bench.set_defaults(func=_cmd_bench)
+    replay = sub.add_parser("replay", help="re-run the failing black-box calls recorded by capture_failures=")
+    replay.add_argument("rest", nargs=argparse.REMAINDER, help="FILE [--index N]")
+    replay.set_defaults(func=_cmd_replay)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

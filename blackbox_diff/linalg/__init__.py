@@ -1,0 +1,42 @@
+"""Batched linear-solver kernels: a pure-math core that imports only torch.
+
+Every solver takes a batch of ``B`` independent systems ``A_i x_i = b_i`` of size ``n`` (right-hand
+sides ``b`` of shape ``(B, n)``; iterative solvers see ``A`` only through ``matvec``, mapping ``(B, n)``
+to ``(B, n)`` with row ``i`` equal to ``A_i @ v_i``) and returns a :class:`LinearSolution` with
+per-instance convergence, iteration counts, true residual norms and breakdown flags. The solvers never
+raise because an instance failed; choosing a solver, escalating and regularising is the caller's policy.
+
+| solver | for | iteration |
+|---|---|---|
+| :func:`cg` | symmetric positive definite | conjugate gradients |
+| :func:`minres` | symmetric, possibly indefinite | Lanczos + Givens (Paige-Saunders) |
+| :func:`gmres` | general | restarted Arnoldi + Givens |
+| :func:`bicgstab` | general | BiCG + local residual minimisation |
+| :func:`neumann` | ``I - A`` contractive | Richardson / Neumann series |
+| :func:`dense_solve` | small, square | LU with partial pivoting |
+| :func:`lstsq_solve` | rank-deficient, rectangular | SVD pseudo-inverse (minimum norm) |
+
+:func:`materialize` turns a ``matvec`` into dense matrices for the two direct solvers.
+"""
+
+from ._bicgstab import bicgstab
+from ._cg import cg
+from ._dense import dense_solve, lstsq_solve, materialize
+from ._gmres import gmres
+from ._krylov import Matvec
+from ._minres import minres
+from ._neumann import neumann
+from ._result import LinearSolution
+
+__all__ = [
+    "LinearSolution",
+    "Matvec",
+    "bicgstab",
+    "cg",
+    "dense_solve",
+    "gmres",
+    "lstsq_solve",
+    "materialize",
+    "minres",
+    "neumann",
+]
