@@ -1,0 +1,186 @@
+"""The optimality condition of a CasADi NLP, exposed to the IFT engine as a torch operator.
+
+The residual is evaluated by CasADi (numpy) inside a `torch.autograd.Function`; its VJPs call CasADi's
+reverse mode. Two forms:
+
+* ``adjoint="sparse_lu"`` (default): the residual handed to the engine is ``R = K^{-1} F`` with ``K = dF/dz``
+  factorised sparsely (SuperLU) at the solution. ``R = 0`` exactly where ``F = 0``, and ``dR/dz = I`` there,
+  so the engine's adjoint solve converges in one CG step and the whole backward is one sparse
+  factorisation, one triangular solve and one CasADi reverse sweep ``(dF/dp)^T w``.
+* ``adjoint="engine"``: the residual is F itself; the engine materialises or iterates on ``(dF/dz)^T v``
+  (a CasADi reverse sweep per product).
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import numpy as np
+import torch
+
+from blackbox_diff import AbstractCondition
+from blackbox_diff._active_set import classify
+from blackbox_diff_casadi._kkt import KKTKernels
+
+__all__ = ["CasadiKKT", "CasadiSolution"]
+
+
+class CasadiSolution:
+    """One answer of the CasADi solver: primal x, multipliers of c = [g; x_bounded], solver statistics."""
+
+    __slots__ = ("x", "lam", "status", "iterations")
+
+    def __init__(self, x: np.ndarray, lam: np.ndarray, status: str, iterations: int | None) -> None:
+        self.x, self.lam, self.status, self.iterations = x, lam, status, iterations
+
+    def __getstate__(self):
+        return (self.x, self.lam, self.status, self.iterations)
+
+    def __setstate__(self, state):
+        self.x, self.lam, self.status, self.iterations = state
+
+
+def _flat_params(params: tuple[torch.Tensor, ...]) -> np.ndarray:
+    """Stack parameters column-major (CasADi's vec) into one float64 vector."""
+    parts = []
+    for t in params:
+        a = t.detach().to("cpu", torch.float64).numpy()
+        parts.append(a.reshape(-1, order="F"))
+    return np.concatenate(parts) if parts else np.zeros(0)
+
+
+def _split_grad(vec: np.ndarray, params: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
+    out, start = [], 0
+    for t in params:
+        k = t.numel()
+        piece = vec[start : start + k].reshape(tuple(t.shape), order="F") if t.dim() else vec[start]
+        out.append(torch.as_tensor(np.ascontiguousarray(piece), dtype=t.dtype, device=t.device))
+        start += k
+    return out
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    return t.detach().to("cpu", torch.float64).numpy().reshape(-1)
+
+
+class _Residual(torch.autograd.Function):
+    """R(z, a_lo, a_up, *params) for one instance; see the module docstring for the two forms."""
+
+    @staticmethod
+    def forward(ctx, kernels: KKTKernels, preconditioned: bool, z, alo, aup, *params):  # noqa: D102
+        zn, lo, up, p = _np(z), _np(alo), _np(aup), _flat_params(params)
+        ctx.kernels, ctx.preconditioned, ctx.point = kernels, preconditioned, (zn, lo, up, p)
+        ctx.params = tuple(t.detach() for t in params)
+        if preconditioned:
+            value = kernels.at(zn, lo, up, p).solve(kernels.at(zn, lo, up, p).F)
+        else:
+            value = kernels.residual(zn, lo, up, p)
+        return torch.as_tensor(value, dtype=z.dtype, device=z.device)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):  # noqa: D102
+        kernels, point = ctx.kernels, ctx.point
+        need_z = ctx.needs_input_grad[2]
+        need_p = any(ctx.needs_input_grad[5:])
+        gz = gp = None
+        # The z-products stay torch operations: the engine may call them under vmap (is_grads_batched).
+        if need_z and ctx.preconditioned:
+            gz = grad  # dR/dz = K^{-1} K = I at the point
+        elif need_z:
+            if getattr(ctx, "K", None) is None:
+                ctx.K = torch.as_tensor(kernels.kkt_matrix(*point).toarray(), dtype=grad.dtype, device=grad.device)
+            gz = grad @ ctx.K  # (dF/dz)^T g as a row vector
+        if need_p:
+            w = grad.detach().to("cpu", torch.float64).numpy().reshape(-1)
+            if ctx.preconditioned:  # dR/dp = K^{-1} dF/dp
+                w = kernels.at(*point).solve(w, trans="T")
+            gp = kernels.vjp_params(*point, w)
+        grads_p = _split_grad(gp, ctx.params) if (need_p and gp is not None) else [None] * len(ctx.params)
+        return (None, None, gz, None, None, *grads_p)
+
+
+class CasadiKKT(AbstractCondition):
+    """KKT conditions of a CasADi NLP on the active set identified from slacks and multipliers."""
+
+    raw_solution = True
+
+    def __init__(self, kernels: KKTKernels, *, adjoint: str = "sparse_lu", polish: bool = True) -> None:
+        self.kernels, self.adjoint, self.polish = kernels, adjoint, polish
+        self.preconditioned = adjoint == "sparse_lu"
+        # K^{-1} K = I is symmetric positive definite: CG converges in one step.
+        self.structure = "spd" if self.preconditioned else "symmetric"
+
+    def describe(self) -> str:
+        return "CasADi KKT"
+
+    def residual(self, z: torch.Tensor, alo: torch.Tensor, aup: torch.Tensor, *params: Any) -> torch.Tensor:
+        if self.preconditioned:
+            # dR/dz = I at the point: state it with torch's own identity, so that the engine's adjoint
+            # products never re-enter Python; the CasADi operator only carries the parameter dependence.
+            zd = z.detach()
+            return (z - zd) + _Residual.apply(self.kernels, True, zd, alo, aup, *params)
+        return _Residual.apply(self.kernels, False, z, alo, aup, *params)
+
+    def certificate(self, z: torch.Tensor, alo: torch.Tensor, aup: torch.Tensor, *params: Any) -> torch.Tensor:
+        """F (not K^{-1}F) plus primal feasibility of inactive rows and multiplier signs of active ones."""
+        k = self.kernels
+        zn, lo, up, p = _np(z), _np(alo), _np(aup), _flat_params(params)
+        pt = k.at(zn, lo, up, p)
+        F, c, lb, ub = pt.F, pt.c, pt.lb, pt.ub
+        lam = zn[k.n :]
+        free = (lo + up) == 0
+        viol = np.where(free, np.maximum(c - ub, 0) + np.maximum(lb - c, 0), 0.0)
+        sign = np.where(up > 0, np.maximum(-lam, 0), 0.0) + np.where((lo > 0) & (lb != ub), np.maximum(lam, 0), 0.0)
+        out = np.nan_to_num(np.concatenate([F, viol, sign]), nan=np.inf)
+        return torch.as_tensor(out, dtype=z.dtype, device=z.device)
+
+    def prepare(self, solution: Any, params: tuple[Any, ...], options: Any) -> tuple[torch.Tensor, tuple]:
+        k = self.kernels
+        like = next((q for q in params if torch.is_tensor(q) and q.is_floating_point()), None)
+        dtype = like.dtype if like is not None else torch.float64
+        device = like.device if like is not None else torch.device("cpu")
+        p = _flat_params(tuple(params))
+        x, lam = np.asarray(solution.x, dtype=np.float64), np.asarray(solution.lam, dtype=np.float64)
+        alo, aup = active_set(k, x, lam, p, options.active_tol)
+        z = np.concatenate([x, np.where(alo + aup > 0, lam, 0.0)])
+        if self.polish:
+            z = k.polish(z, alo, aup, p)
+        t = lambda a: torch.as_tensor(a, dtype=dtype, device=device)  # noqa: E731
+        return t(z), (t(alo), t(aup))
+
+
+def active_set(kernels: KKTKernels, x: np.ndarray, lam: np.ndarray, p: np.ndarray, tol: float):
+    """Indicators (a_lo, a_up) of rows held at their lower / upper bound; equalities count as lower.
+
+    Decided by `bbd`'s `classify` from slack and multiplier together (IPOPT leaves ~1e-9 multipliers on
+    inactive rows, so a sign test alone would call everything active).
+    """
+    c, lb, ub = kernels.constraint_values(x, p)
+    eq = np.isfinite(lb) & (lb == ub)
+    with np.errstate(invalid="ignore"):
+        up, up_weak = classify(torch.as_tensor(c - ub), torch.as_tensor(np.maximum(lam, 0)), tol)
+        lo, lo_weak = classify(torch.as_tensor(lb - c), torch.as_tensor(np.maximum(-lam, 0)), tol)
+    up, lo = up.numpy() & np.isfinite(ub) & ~eq, lo.numpy() & np.isfinite(lb) & ~eq
+    both = up & lo  # only for lb ~= ub: keep the side the multiplier points to
+    up &= ~(both & (lam < 0))
+    lo &= ~(both & (lam >= 0))
+    # An interior-point answer at a weakly active row has slack and multiplier both ~ sqrt(barrier), far
+    # above active_tol: warn on sqrt(active_tol), whichever side `classify` chose.
+    loose = np.sqrt(tol)
+    with np.errstate(invalid="ignore"):
+        near = (np.maximum(ub - c, 0) <= loose) & (np.maximum(lam, 0) <= loose) & np.isfinite(ub)
+        near |= (np.maximum(c - lb, 0) <= loose) & (np.maximum(-lam, 0) <= loose) & np.isfinite(lb)
+    weak = (((up_weak.numpy() & up) | (lo_weak.numpy() & lo)) | near) & ~eq
+    if weak.any():
+        warnings.warn(
+            f"CasADi KKT: constraint rows {np.nonzero(weak)[0].tolist()} are weakly active (slack and multiplier "
+            f"both <= sqrt(active_tol)={loose:.3g}). The solution map is not differentiable there; the gradient "
+            f"returned treats rows {np.nonzero(weak & (up | lo))[0].tolist()} as active and the others as "
+            "inactive (a one-sided derivative).",
+            RuntimeWarning,
+            stacklevel=5,
+        )
+    alo = (lo | eq).astype(np.float64)
+    return alo, up.astype(np.float64)

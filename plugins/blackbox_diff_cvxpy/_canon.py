@@ -1,0 +1,282 @@
+"""Canonicalisation: a cvxpy problem -> the conic program the solver sees, as affine maps of the parameters.
+
+cvxpy reduces a DPP problem to the parametric cone program
+
+    minimise    1/2 x^T P x + c^T x
+    subject to  b - A x in K,      K = {0}^z x R_+^l x SOC(q_1) x ... x PSD(s_1) x ...
+
+whose data (P, c, A, b) are affine in the stacked parameter vector theta (cvxpy's `ParamConeProg`). This
+module builds that map once and applies it two ways: with scipy (the forward solve, per instance) and
+with torch gathers and `index_add` (the residual, which autograd and vmap differentiate).
+
+Conventions follow the solver interfaces (Clarabel, SCS): A here is the solver's A (cvxpy's ``-A``), the
+dual y satisfies P x + c + A^T y = 0 with y in K*, and PSD blocks are scaled triangles.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+__all__ = ["AffineMap", "ConeLayout", "ConeProgram", "build_program", "theta_numpy", "theta_torch"]
+
+
+@dataclasses.dataclass
+class AffineMap:
+    """values = M @ theta for a fixed sparsity pattern of the data matrix (or vector).
+
+    Attributes:
+        matrix: scipy CSR (nnz_pattern, n_theta + 1); the last column multiplies the constant 1.
+        rows, cols, vals: the same matrix as torch COO triplets, for the torch evaluation.
+    """
+
+    matrix: sp.csr_array
+    rows: torch.Tensor
+    cols: torch.Tensor
+    vals: torch.Tensor
+
+    @classmethod
+    def from_scipy(cls, mat: Any) -> AffineMap:
+        csr = sp.csr_array(mat)
+        coo = csr.tocoo()
+        return cls(
+            matrix=csr,
+            rows=torch.as_tensor(coo.row.astype(np.int64)),
+            cols=torch.as_tensor(coo.col.astype(np.int64)),
+            vals=torch.as_tensor(coo.data.astype(np.float64)),
+        )
+
+    @property
+    def size(self) -> int:
+        return self.matrix.shape[0]
+
+    def numpy(self, theta: np.ndarray) -> np.ndarray:
+        return self.matrix @ theta
+
+    def torch(self, theta: torch.Tensor) -> torch.Tensor:
+        vals = self.vals.to(theta.device, theta.dtype)
+        src = vals * theta[self.cols.to(theta.device)]
+        out = theta.new_zeros(self.size)
+        return out.index_add(0, self.rows.to(theta.device), src)
+
+
+@dataclasses.dataclass
+class ConeLayout:
+    """Cone dimensions in the solver's order: zero, nonneg, SOC blocks, PSD blocks (scaled triangles)."""
+
+    zero: int
+    nonneg: int
+    soc: list[int]
+    psd: list[int]
+    psd_upper: bool  # True: upper triangle, column-major (Clarabel); False: lower, column-major (SCS)
+    exp: int = 0
+
+    @property
+    def size(self) -> int:
+        return self.zero + self.nonneg + sum(self.soc) + sum(k * (k + 1) // 2 for k in self.psd) + 3 * self.exp
+
+    @property
+    def conic_start(self) -> int:
+        return self.zero + self.nonneg
+
+    def describe(self) -> str:
+        parts = [f"zero {self.zero}", f"nonneg {self.nonneg}"]
+        if self.soc:
+            parts.append(f"soc {self.soc}")
+        if self.psd:
+            parts.append(f"psd {self.psd}")
+        if self.exp:
+            parts.append(f"exp {self.exp}")
+        return ", ".join(parts)
+
+
+@dataclasses.dataclass
+class ConeProgram:
+    """The parametric cone program of one cvxpy problem, for one solver.
+
+    Attributes:
+        n: number of conic variables; m: number of conic rows.
+        c_map: theta -> c (n); A_map: theta -> values of A on (A_rows, A_cols); b_map: theta -> b (m);
+        P_map: theta -> values of the full symmetric P on (P_rows, P_cols), or None for a linear objective.
+        cones: the cone layout of the rows.
+        param_cols: per parameter in call order, (offset into theta, size, shape).
+        var_slices: per requested variable, (offset into x, shape).
+        constraint_slices: per user constraint, (row offset, size, shape) of its dual in y, or None.
+    """
+
+    n: int
+    m: int
+    c_map: AffineMap
+    A_map: AffineMap
+    A_rows: np.ndarray
+    A_cols: np.ndarray
+    b_map: AffineMap
+    P_map: AffineMap | None
+    P_rows: np.ndarray
+    P_cols: np.ndarray
+    cones: ConeLayout
+    n_theta: int
+    param_cols: list[tuple[int, int, tuple[int, ...]]]
+    var_slices: list[tuple[int, tuple[int, ...]]]
+    constraint_slices: list[tuple[int, int, tuple[int, ...]] | None]
+
+    # --- numpy: the forward solve ------------------------------------------------------------
+    def _structure(self):
+        """CSC index arrays of A and of P's upper triangle (the patterns are sorted column-major)."""
+        cached = getattr(self, "_csc_cache", None)
+        if cached is None:
+            a_ptr = np.concatenate([[0], np.cumsum(np.bincount(self.A_cols, minlength=self.n))]).astype(np.int32)
+            upper = self.P_rows <= self.P_cols
+            p_ptr = np.concatenate([[0], np.cumsum(np.bincount(self.P_cols[upper], minlength=self.n))])
+            cached = (self.A_rows.astype(np.int32), a_ptr, upper, self.P_rows[upper].astype(np.int32),
+                      p_ptr.astype(np.int32))
+            self._csc_cache = cached
+        return cached
+
+    def data(self, theta: np.ndarray):
+        """(P upper triangle, c, A, b) for one parameter vector, A and P as int32 CSC matrices (what the
+        solvers take), plus the raw values of A and of the full P for dense use."""
+        a_idx, a_ptr, upper, p_idx, p_ptr = self._structure()
+        c = self.c_map.numpy(theta)
+        a_vals = self.A_map.numpy(theta)
+        A = sp.csc_matrix((a_vals, a_idx, a_ptr), shape=(self.m, self.n))
+        b = self.b_map.numpy(theta)
+        P = p_vals = None
+        if self.P_map is not None:
+            p_vals = self.P_map.numpy(theta)
+            P = sp.csc_matrix((p_vals[upper], p_idx, p_ptr), shape=(self.n, self.n))
+        return P, c, A, b
+
+    def dense(self, P, c, A, b) -> tuple[np.ndarray | None, np.ndarray, np.ndarray, np.ndarray]:
+        """Dense (full P, c, A, b) from `data`'s output (P given as its upper triangle)."""
+        A_d = A.toarray()
+        P_d = None
+        if P is not None:
+            upper = P.toarray()
+            P_d = upper + upper.T - np.diag(np.diag(upper))
+        return P_d, c, A_d, b
+
+    # --- torch: the residual -------------------------------------------------------------------
+    def data_torch(self, theta: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(P, c, A, b) as dense torch tensors, differentiable in theta (vmap-friendly gathers)."""
+        c = self.c_map.torch(theta)
+        lin = torch.as_tensor(self.A_rows * self.n + self.A_cols, device=theta.device)
+        A = theta.new_zeros(self.m * self.n).index_add(0, lin, self.A_map.torch(theta)).reshape(self.m, self.n)
+        b = self.b_map.torch(theta)
+        P = None
+        if self.P_map is not None:
+            lin_p = torch.as_tensor(self.P_rows * self.n + self.P_cols, device=theta.device)
+            P = theta.new_zeros(self.n * self.n).index_add(0, lin_p, self.P_map.torch(theta))
+            P = P.reshape(self.n, self.n)
+        return P, c, A, b
+
+
+def _fortran_flat_np(value: np.ndarray) -> np.ndarray:
+    return np.asarray(value, dtype=np.float64).reshape(-1, order="F")
+
+
+def _fortran_flat_t(value: torch.Tensor) -> torch.Tensor:
+    if value.dim() <= 1:
+        return value.reshape(-1)
+    return value.permute(*reversed(range(value.dim()))).reshape(-1)
+
+
+def theta_numpy(program: ConeProgram, params: list[np.ndarray]) -> np.ndarray:
+    """The stacked parameter vector (cvxpy's column order, Fortran-flattened, constant 1 last)."""
+    theta = np.empty(program.n_theta + 1)
+    for (off, size, _), p in zip(program.param_cols, params, strict=True):
+        theta[off : off + size] = _fortran_flat_np(p)
+    theta[-1] = 1.0
+    return theta
+
+
+def theta_torch(program: ConeProgram, params: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """The same vector in torch; parameters may be given in any order, it is placed by column."""
+    order = sorted(range(len(params)), key=lambda i: program.param_cols[i][0])
+    pieces = [_fortran_flat_t(params[i]) for i in order]
+    ref = params[order[0]] if params else torch.zeros(())
+    pieces.append(ref.new_ones(1))
+    return torch.cat(pieces)
+
+
+def _split_A(A_tensor: Any, m: int, n: int):
+    """cvxpy's A tensor has rows (i + m*j) for j < n (matrix) and j == n (offset). Returns the matrix part
+    as (rows, cols, map) with the sign flipped to the solver's convention, and the offset part as a map."""
+    coo = sp.coo_array(A_tensor)
+    i = coo.row % m
+    j = coo.row // m
+    is_b = j == n
+    # Matrix part: group triplets by (i, j) entry.
+    keys = (i[~is_b] + m * j[~is_b]).astype(np.int64)
+    uniq, inverse = np.unique(keys, return_inverse=True)
+    A_part = sp.csr_array(
+        (-coo.data[~is_b], (inverse, coo.col[~is_b])), shape=(len(uniq), A_tensor.shape[1])
+    )
+    rows, cols = uniq % m, uniq // m
+    b_part = sp.csr_array((coo.data[is_b], (i[is_b], coo.col[is_b])), shape=(m, A_tensor.shape[1]))
+    return rows, cols, AffineMap.from_scipy(A_part), AffineMap.from_scipy(b_part)
+
+
+def _split_P(P_tensor: Any, n: int):
+    coo = sp.coo_array(P_tensor)
+    uniq, inverse = np.unique(coo.row.astype(np.int64), return_inverse=True)
+    part = sp.csr_array((coo.data, (inverse, coo.col)), shape=(len(uniq), P_tensor.shape[1]))
+    return uniq % n, uniq // n, AffineMap.from_scipy(part)
+
+
+def build_program(param_prob: Any, solver_instance: Any, parameters: list, variables: list, problem: Any,
+                  cons_id_map: dict[int, int], var_id_map: dict[int, int] | None = None) -> ConeProgram:
+    """Build the `ConeProgram` of a formatted cvxpy `ParamConeProg`.
+
+    Args:
+        param_prob: ``problem.get_problem_data(solver)[0]["param_prob"]``.
+        solver_instance: the cvxpy solver reduction (PSD triangle convention).
+        parameters, variables: the user's handles, in call / output order.
+        problem: the user's problem (its constraints give the dual outputs).
+        cons_id_map: user constraint id -> canonical constraint id (identity where unchanged).
+        var_id_map: user variable id -> cone program variable id, for variables cvxpy replaced (e.g. a
+            nonneg=True variable becomes a plain one plus a constraint); identity where absent.
+    """
+    from cvxpy.utilities.psd_utils import TriangleKind
+
+    n = int(param_prob.x.size)
+    dims = param_prob.cone_dims
+    layout = ConeLayout(
+        zero=int(dims.zero),
+        nonneg=int(dims.nonneg),
+        soc=[int(k) for k in dims.soc],
+        psd=[int(k) for k in dims.psd],
+        psd_upper=getattr(solver_instance, "PSD_TRIANGLE_KIND", None) == TriangleKind.UPPER,
+        exp=int(dims.exp),
+    )
+    m = layout.size
+    q = sp.csr_array(param_prob.q)
+    c_map = AffineMap.from_scipy(q[:n])
+    A_rows, A_cols, A_map, b_map = _split_A(param_prob.A, m, n)
+    if param_prob.P is not None and sp.coo_array(param_prob.P).nnz:
+        P_rows, P_cols, P_map = _split_P(param_prob.P, n)
+    else:
+        P_rows = P_cols = np.zeros(0, dtype=np.int64)
+        P_map = None
+    param_cols = []
+    for p in parameters:
+        param_cols.append((int(param_prob.param_id_to_col[p.id]), int(p.size), tuple(p.shape)))
+    var_id_map = var_id_map or {}
+    var_slices = [(int(param_prob.var_id_to_col[var_id_map.get(v.id, v.id)]), tuple(v.shape)) for v in variables]
+    offsets, row = {}, 0
+    for con in param_prob.constraints:
+        offsets[con.id] = row
+        row += int(con.size)
+    constraint_slices: list[tuple[int, int, tuple[int, ...]] | None] = []
+    for con in problem.constraints:
+        cid = cons_id_map.get(con.id, con.id)
+        constraint_slices.append((offsets[cid], int(con.size), tuple(con.shape)) if cid in offsets else None)
+    return ConeProgram(
+        n=n, m=m, c_map=c_map, A_map=A_map, A_rows=A_rows, A_cols=A_cols, b_map=b_map, P_map=P_map,
+        P_rows=P_rows, P_cols=P_cols, cones=layout, n_theta=int(param_prob.total_param_size),
+        param_cols=param_cols, var_slices=var_slices, constraint_slices=constraint_slices,
+    )

@@ -1,0 +1,385 @@
+"""The optimality condition of a cone program, stated on the solver's answer.
+
+For  min 1/2 x^T P x + c^T x  s.t.  s = b - A x in K  with dual y in K*, the unknowns are z = (x, w):
+
+* zero cone rows (equalities): w = y, and the rows read  A x - b = 0;
+* non-negative rows: the active set is identified explicitly from slacks and multipliers together
+  (`bbd`'s `classify`); w = a*y and the rows read  a*(A x - b) + (1-a)*w = 0, so inactive multipliers
+  are pinned to zero and active rows hold with equality (the KKT system of the equality-constrained QP);
+* second-order, PSD and exponential cones: w = y - s (Moreau decomposition), y = Pi_K*(w), s = Pi_K(-w),
+  and the rows read  A x + Pi_K(-w) - b = 0.  The SOC and PSD projections have closed forms that torch
+  differentiates; the exponential one is numerical with an implicit derivative (`_expcone`).
+
+Stationarity closes the system:  P x + c + A^T y = 0.  The Jacobian dF/dz is the exact derivative of
+the solution map at the returned point (one-sided where a constraint is weakly active), so the adjoint
+solve reproduces the solution's derivative to the solver's accuracy.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import numpy as np
+import torch
+
+from blackbox_diff import AbstractCondition
+
+from ._canon import ConeLayout, theta_torch
+from ._expcone import exp_jacobian, project_exp
+from ._refine import polyhedral_refine
+
+__all__ = ["ConeCondition", "project_psd", "project_soc"]
+
+
+def project_soc(v: torch.Tensor) -> torch.Tensor:
+    """Projection onto {(t, u): ||u|| <= t} along the last dimension (any leading batch dims)."""
+    t, u = v[..., :1], v[..., 1:]
+    nu = torch.linalg.vector_norm(u, dim=-1, keepdim=True)
+    safe = torch.where(nu > 0, nu, torch.ones_like(nu))
+    scale = 0.5 * (1.0 + t / safe)
+    boundary = torch.cat([scale * nu, scale * u], dim=-1)
+    inside = nu <= t
+    polar = nu <= -t
+    return torch.where(inside, v, torch.where(polar, torch.zeros_like(v), boundary))
+
+
+def _svec_maps(k: int, upper: bool, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(T, S): vec(M) = T @ svec, svec = S @ vec(M) for the solver's scaled triangle convention."""
+    pairs = []
+    for j in range(k):
+        rows = range(j + 1) if upper else range(j, k)
+        pairs += [(i, j) for i in rows]
+    t = len(pairs)
+    T = torch.zeros(k * k, t, dtype=dtype, device=device)
+    S = torch.zeros(t, k * k, dtype=dtype, device=device)
+    r2 = 2.0**0.5
+    for idx, (i, j) in enumerate(pairs):
+        if i == j:
+            T[i * k + j, idx] = 1.0
+            S[idx, i * k + j] = 1.0
+        else:
+            T[i * k + j, idx] = T[j * k + i, idx] = 1.0 / r2
+            S[idx, i * k + j] = r2
+    return T, S
+
+
+def project_psd(v: torch.Tensor, k: int, upper: bool) -> torch.Tensor:
+    """Projection of a scaled triangle (last dim) onto the PSD cone, via an eigendecomposition."""
+    T, S = _svec_maps(k, upper, v.dtype, v.device)
+    M = (v @ T.mT).reshape(*v.shape[:-1], k, k)
+    M = 0.5 * (M + M.mT)
+    lam, Q = torch.linalg.eigh(M)
+    proj = (Q * torch.clamp(lam, min=0.0).unsqueeze(-2)) @ Q.mT
+    return proj.reshape(*v.shape[:-1], k * k) @ S.mT
+
+
+def _cone_parts(w: torch.Tensor, cones: ConeLayout) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y, s) = (Pi_K*(w), Pi_K(-w)) for the SOC, PSD and exponential rows (after zero and nonneg).
+
+    SOC and PSD cones are self-dual; for the exponential cone y = w + Pi_K(-w) (Moreau).
+    """
+    ys, ss, off = [], [], 0
+    for k in cones.soc:
+        blk = w[..., off : off + k]
+        ys.append(project_soc(blk))
+        ss.append(project_soc(-blk))
+        off += k
+    for k in cones.psd:
+        t = k * (k + 1) // 2
+        blk = w[..., off : off + t]
+        ys.append(project_psd(blk, k, cones.psd_upper))
+        ss.append(project_psd(-blk, k, cones.psd_upper))
+        off += t
+    if cones.exp:
+        blk = w[..., off : off + 3 * cones.exp]
+        s_exp = project_exp(-blk)
+        ys.append(blk + s_exp)
+        ss.append(s_exp)
+    if not ys:
+        return w[..., :0], w[..., :0]
+    return torch.cat(ys, dim=-1), torch.cat(ss, dim=-1)
+
+
+def _cone_jacobians(w: torch.Tensor, cones: ConeLayout) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block-diagonal dPi_K*(w)/dw and dPi_K(-w)/dw over the SOC and PSD rows (dense)."""
+    dy, ds, off = [], [], 0
+    blocks = [(k, "soc") for k in cones.soc] + [(k, "psd") for k in cones.psd]
+    for k, kind in blocks:
+        t = k if kind == "soc" else k * (k + 1) // 2
+        blk = w[off : off + t]
+        if kind == "soc":
+            proj = project_soc
+        else:
+            def proj(v, k=k):
+                return project_psd(v, k, cones.psd_upper)
+        dy.append(torch.func.jacrev(proj)(blk))
+        ds.append(torch.func.jacrev(lambda v, proj=proj: proj(-v))(blk))
+        off += t
+    for _ in range(cones.exp):
+        blk = w[off : off + 3].detach().cpu().numpy()
+        J = torch.as_tensor(exp_jacobian(-blk)).to(w)
+        dy.append(torch.eye(3, dtype=w.dtype, device=w.device) - J)
+        ds.append(-J)
+        off += 3
+    if not dy:
+        empty = w.new_zeros(0, 0)
+        return empty, empty
+    return torch.block_diag(*dy), torch.block_diag(*ds)
+
+
+def _warn_weak(weak: torch.Tensor, tol: float) -> None:
+    if not bool(weak.any()):
+        return
+    idx = torch.nonzero(weak).flatten().tolist()[:10]
+    warnings.warn(
+        f"cvxpy backend: inequality rows {idx} of the cone program are weakly active (slack and multiplier "
+        f"both ~0, below active_tol={tol:g} after refinement). The solution map is not differentiable "
+        "there; the gradient returned keeps them active (one-sided derivative).",
+        RuntimeWarning,
+        stacklevel=7,
+    )
+
+
+class ConeCondition(AbstractCondition):
+    """KKT conditions of the cvxpy problem's cone program (see the module docstring).
+
+    `prepare` assembles the Jacobian J = dF/dz at the solver's answer, takes one Newton step on the
+    identified active set (which removes the interior-point error of active rows: their slack becomes
+    exactly zero), and LU-factors J. The residual handed to the engine is the preconditioned
+    ``J^{-1} F(z, params)``: its z-Jacobian is the identity at the answer, so the engine's Krylov adjoint
+    solve converges in one step, and its parameter-Jacobian is the exact ``J^{-1} dF/dparams`` of the
+    implicit function theorem. Certification uses the raw F.
+    """
+
+    structure = "general"
+    raw_solution = True
+
+    def __init__(self, program: Any, *, precondition: bool = True, refine: bool = True,
+                 linearization: bool = False, dense_max: int = 2000) -> None:
+        self.program = program
+        # A dense LU per instance costs (n + m)^2 memory: beyond dense_max the engine's Krylov solver runs.
+        self.dense = program.n + program.m <= dense_max
+        self.precondition = precondition and self.dense
+        self.refine = refine
+        # Non-DPP problems: the data (P, c, A, b) come per instance as aux tensors, linearised in theta.
+        self.linearization = linearization
+
+    def describe(self) -> str:
+        return f"cvxpy cone program ({self.program.cones.describe()})"
+
+    # --- data --------------------------------------------------------------------------------------
+    def _data(self, extra: tuple, params: tuple):
+        theta = theta_torch(self.program, params)
+        if not self.linearization:
+            return self.program.data_torch(theta)
+        data0, jac, theta0 = extra
+        return self.program.unflatten_data(data0 + jac @ (theta - theta0))
+
+    def _split(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return z[..., : self.program.n], z[..., self.program.n :]
+
+    def _y_s(self, w: torch.Tensor, active: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        cones = self.program.cones
+        z0, start = cones.zero, cones.conic_start
+        y_cone, s_cone = _cone_parts(w[..., start:], cones)
+        y = torch.cat([w[..., :z0], active * w[..., z0:start], y_cone], dim=-1)
+        return y, s_cone
+
+    def _unpack(self, rest: tuple) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple, tuple]:
+        """rest = (active, LU, pivots, [data0, jac, theta0,] *params)."""
+        k = 6 if self.linearization else 3
+        active, lu, piv = rest[:3]
+        return active, lu, piv, tuple(rest[3:k]), tuple(rest[k:])
+
+    # --- the condition -------------------------------------------------------------------------------
+    def raw_residual(self, z: torch.Tensor, active: torch.Tensor, data: tuple) -> torch.Tensor:
+        P, c, A, b = data
+        x, w = self._split(z)
+        y, s_cone = self._y_s(w, active)
+        stationarity = A.mT @ y + c
+        if P is not None:
+            stationarity = stationarity + P @ x
+        r = A @ x - b
+        cones = self.program.cones
+        z0, start = cones.zero, cones.conic_start
+        nonneg = active * r[z0:start] + (1 - active) * w[z0:start]
+        return torch.cat([stationarity, r[:z0], nonneg, r[start:] + s_cone])
+
+    def residual(self, z: torch.Tensor, *rest: Any) -> torch.Tensor:
+        active, lu, piv, extra, params = self._unpack(rest)
+        F = self.raw_residual(z, active, self._data(extra, params))
+        if lu.shape[-1] == 0:  # not preconditioned (large or singular system)
+            return F
+        return torch.linalg.lu_solve(lu, piv, F.unsqueeze(-1)).squeeze(-1)
+
+    def _feasibility(self, z: torch.Tensor, active: torch.Tensor, data: tuple) -> torch.Tensor:
+        _, _, A, b = data
+        x, w = self._split(z)
+        cones = self.program.cones
+        z0, start = cones.zero, cones.conic_start
+        slack = (b - A @ x)[z0:start]
+        return torch.cat([(1 - active) * torch.relu(-slack), active * torch.relu(-w[z0:start])])
+
+    def certificate(self, z: torch.Tensor, *rest: Any) -> torch.Tensor:
+        """Raw residual F, plus feasibility of inactive rows (slack >= 0) and active multipliers (y >= 0)."""
+        active, _, _, extra, params = self._unpack(rest)
+        data = self._data(extra, params)
+        return torch.cat([self.raw_residual(z, active, data), self._feasibility(z, active, data)])
+
+    def jacobian(self, z: torch.Tensor, active: torch.Tensor, data: tuple) -> torch.Tensor:
+        """dF/dz assembled from the data: [[P, A^T Dy], [rows of A, Ds]] (dense, one instance)."""
+        P, _, A, _ = data
+        n, m = self.program.n, A.shape[0]
+        cones = self.program.cones
+        z0, start = cones.zero, cones.conic_start
+        _, w = self._split(z)
+        dy_cone, ds_cone = _cone_jacobians(w[start:], cones)
+        Dy = A.new_zeros(m, m)
+        Dy[:z0, :z0] = torch.eye(z0, dtype=A.dtype, device=A.device)
+        Dy[z0:start, z0:start] = torch.diag(active)
+        Dy[start:, start:] = dy_cone
+        J = A.new_zeros(n + m, n + m)
+        if P is not None:
+            J[:n, :n] = P
+        J[:n, n:] = A.mT @ Dy
+        rows = A.clone()
+        rows[z0:start] = active[:, None] * A[z0:start]
+        J[n:, :n] = rows
+        J[n + z0 : n + start, n + z0 : n + start] = torch.diag(1 - active)
+        J[n + start :, n + start :] = ds_cone
+        return J
+
+    # --- answer -> unknowns -> outputs ------------------------------------------------------------
+    def prepare(self, solution: Any, params: tuple, options: Any) -> tuple[torch.Tensor, tuple]:
+        from blackbox_diff._active_set import classify
+
+        answer, extra = (solution, ()) if not isinstance(solution, tuple) else (solution[0], solution[1:])
+        like = next((p for p in params if torch.is_tensor(p) and p.is_floating_point()), None)
+        dtype = like.dtype if like is not None else torch.float64
+        device = like.device if like is not None else torch.device("cpu")
+
+        def tensor(a: Any) -> torch.Tensor:
+            return torch.as_tensor(np.asarray(a, dtype=np.float64)).to(dtype=dtype, device=device)
+
+        extra = tuple(tensor(e) for e in extra)
+        cones = self.program.cones
+        z0, start = cones.zero, cones.conic_start
+        y, s = tensor(answer.y), tensor(answer.s)
+        active, weak = classify(-s[z0:start], y[z0:start], options.active_tol)
+        a = active.to(dtype)
+        x = tensor(answer.x)
+        none = (torch.zeros(0, 0, dtype=dtype, device=device), torch.zeros(0, dtype=torch.int32, device=device))
+        if not self.refine or (not self.dense and (cones.soc or cones.psd or cones.exp)):
+            z = torch.cat([x, y[:z0], a * y[z0:start], y[start:] - s[start:]])
+            _warn_weak(weak, options.active_tol)
+            if not self.precondition:
+                return z, (a, *none, *extra)
+        if self.refine and not (cones.soc or cones.psd or cones.exp) and getattr(answer, "data", None) is not None:
+            fast = polyhedral_refine(answer.data, np.asarray(answer.x, dtype=np.float64),
+                                      np.asarray(answer.y, dtype=np.float64), np.asarray(answer.s, dtype=np.float64),
+                                      z0, cones.nonneg, options.active_tol, dense=self.dense)
+            if fast is not None:
+                z, a_np, lu, piv, refined_weak = fast
+                _warn_weak(torch.as_tensor(refined_weak), options.active_tol)
+                factors = none
+                if lu is not None and self.precondition:
+                    factors = (tensor(lu), torch.as_tensor(piv, device=device))
+                return tensor(z), (tensor(a_np), *factors, *extra)
+        if not self.dense:  # no dense Jacobian for large systems: the answer as the solver gave it
+            z = torch.cat([x, y[:z0], a * y[z0:start], y[start:] - s[start:]])
+            _warn_weak(weak, options.active_tol)
+            return z, (a, *none, *extra)
+        with torch.no_grad():
+            data = self._data(extra, tuple(p.detach() for p in params))
+            z, a, lu, piv, refined_weak = self._factor_and_refine(x, y, s, a, data, options.active_tol)
+        _warn_weak(weak if refined_weak is None else refined_weak, options.active_tol)
+        return z, (a, lu, piv, *extra)
+
+    def _factor_and_refine(self, x, y, s, a, data, tol: float, max_swaps: int = 4):
+        """LU of J at the answer and (optionally) Newton steps on the active set.
+
+        A Newton step with the active set fixed solves the equality-constrained problem exactly (the
+        zero and non-negative rows are linear). If the new point has an inactive row with negative slack
+        or an active row with a negative multiplier, the set is corrected and the step retried (a
+        primal-dual active-set iteration started at the solver's answer); the refined point is kept only
+        when it is feasible and its residual is smaller than the answer's.
+        """
+        cones = self.program.cones
+        z0, start = cones.zero, cones.conic_start
+        identity = (x.new_zeros(0, 0), torch.zeros(0, dtype=torch.int32, device=x.device))
+
+        def unknowns(act):
+            return torch.cat([x, y[:z0], act * y[z0:start], y[start:] - s[start:]])
+
+        def size(v, act):
+            return float(torch.cat([self.raw_residual(v, act, data), self._feasibility(v, act, data)]).abs().max())
+
+        def factor(v, act):
+            lu, piv, info = torch.linalg.lu_factor_ex(self.jacobian(v, act, data))
+            return (lu, piv) if int(info) == 0 and bool(torch.isfinite(lu).all()) else None
+
+        z = unknowns(a)
+        best = (z, a, factor(z, a), None)
+        if self.refine:
+            base = size(z, a)
+            scale = tol * (1.0 + float(z.abs().max()))
+            act = a
+            weak_pass = False
+            for _ in range(max_swaps + 2):
+                zs = unknowns(act)
+                fac = factor(zs, act)
+                if fac is None:
+                    break
+                z_new = zs - torch.linalg.lu_solve(*fac, self.raw_residual(zs, act, data).unsqueeze(-1)).squeeze(-1)
+                if not bool(torch.isfinite(z_new).all()):
+                    break
+                slack = (data[3] - data[2] @ z_new[: self.program.n])[z0:start]
+                mult = z_new[self.program.n + z0 : self.program.n + start]
+                flip_on = (act == 0) & (slack < -scale)
+                flip_off = (act == 1) & (mult < -scale)
+                if not bool(flip_on.any() or flip_off.any()):
+                    if cones.soc or cones.psd or cones.exp:
+                        z_new, fac = self._newton(z_new, act, data, fac, size, factor)
+                    if size(z_new, act) < base:
+                        weak = ((act == 0) & (slack <= scale)) | ((act == 1) & (mult <= scale))
+                        best = (z_new, act, fac, weak)
+                        if bool(((act == 0) & (slack <= scale)).any()) and not weak_pass:
+                            # Weakly active rows taken as inactive: take them as active instead (the
+                            # solution is the same; the derivative is the one that keeps them active).
+                            act = torch.where((act == 0) & (slack <= scale), torch.ones_like(act), act)
+                            weak_pass = True
+                            continue
+                    break
+                act = torch.where(flip_on, torch.ones_like(act), torch.where(flip_off, torch.zeros_like(act), act))
+        z, a, fac, weak = best
+        if fac is None or not self.precondition:
+            # Singular KKT matrix (degenerate problem) or no preconditioning: the engine's own adjoint
+            # solvers take the raw system (escalating to dense and least squares when needed).
+            return z, a, *identity, weak
+        return z, a, *fac, weak
+
+    def _newton(self, z, act, data, fac, size, factor, steps: int = 6):
+        """Semismooth Newton steps on the (nonlinear) cone rows, while the residual keeps decreasing."""
+        current = size(z, act)
+        for _ in range(steps):
+            new_fac = factor(z, act)
+            if new_fac is None:
+                break
+            step = torch.linalg.lu_solve(*new_fac, self.raw_residual(z, act, data).unsqueeze(-1)).squeeze(-1)
+            candidate = z - step
+            value = size(candidate, act) if bool(torch.isfinite(candidate).all()) else float("inf")
+            fac = new_fac
+            if not value < current:
+                break
+            z, current = candidate, value
+            if current < 1e-14 * (1.0 + float(z.abs().max())):
+                break
+        return z, factor(z, act) or fac
+
+    def finish(self, z: torch.Tensor, aux: tuple, options: Any) -> Any:
+        x, w = self._split(z)
+        if not getattr(options, "return_duals", False):
+            return x
+        y, _ = self._y_s(w, aux[0])
+        return torch.cat([x, y], dim=-1)
