@@ -1,0 +1,273 @@
+"""Numerical edge cases: singular and near-singular adjoint systems, degenerate KKT points, and
+certification that rejects wrong answers injected on purpose.
+
+Each black box here is a real solver (scipy or a closed form); each gradient is compared with a closed
+form or central finite differences of the black box itself.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+
+import numpy as np
+import pytest
+import scipy.optimize
+import torch
+from zoo import KKT_SIMPLEX, by_name
+
+import blackbox_diff as bbd
+from blackbox_diff._adjoint import solve_adjoint
+
+LSTSQ_WARNING = "minimum-norm least-squares"
+
+
+def _grad(fn, *params, weights=None):
+    leaves = [p.clone().requires_grad_(True) for p in params]
+    z = fn(*leaves)
+    w = torch.ones_like(z) if weights is None else weights
+    (w * z).sum().backward()
+    return z.detach(), [leaf.grad for leaf in leaves]
+
+
+# --- singular and near-singular adjoint systems ------------------------------------------------------
+def test_singular_hessian_escalates_cg_to_least_squares_and_keeps_the_determined_gradient():
+    # f = 0.5 (z0 - w)^2 + 0 * z1^2: the Hessian diag(1, 0) is singular; z1 is not determined by w.
+    cond = bbd.Argmin(lambda z, w: 0.5 * (z[0] - w) ** 2 + 0.0 * z[1] ** 2)
+    fn = bbd.implicit(cond)(lambda w: np.array([w, 0.0]))
+    with pytest.warns(RuntimeWarning, match=re.escape(LSTSQ_WARNING)):
+        _, (gw,) = _grad(fn, torch.tensor(0.7))
+    assert torch.isfinite(gw) and gw.item() == pytest.approx(1.0, abs=1e-12)  # dz0/dw = 1, dz1/dw := 0
+
+
+@pytest.mark.parametrize("solver", ["gmres", "bicgstab", "minres", "dense"])
+def test_escalation_path_is_krylov_then_dense_then_least_squares(solver):
+    # J^T = [[1, 0], [0, 0]]: singular; g = [1, 1] has no exact solution. Every method ends in lstsq.
+    J = torch.tensor([[1.0, 0.0], [0.0, 0.0]])
+    g = torch.tensor([[1.0, 1.0], [2.0, 0.0]])  # instance 1 is consistent: u = [2, anything]
+
+    def matvec(v):
+        return v @ J  # (J^T v^T)^T for a batch of rows
+
+    opts = bbd.ImplicitOptions(linear_solver=solver)
+    with pytest.warns(RuntimeWarning, match=re.escape("singular or not solvable at batch instances [0")):
+        u, history = solve_adjoint(matvec, g, structure="general", options=opts)
+    methods = [h.method for h in history]
+    assert methods[-1] == "lstsq" and methods[-2] == "dense"
+    if solver != "dense":
+        assert methods[0] == solver
+    torch.testing.assert_close(u, torch.tensor([[1.0, 0.0], [2.0, 0.0]]), atol=1e-10, rtol=0)
+
+
+def test_near_singular_but_regular_system_is_solved_exactly_without_warning():
+    # F = A z - w with A = diag(1, 1e-9): cond(A) = 1e9, still regular; dz/dw = A^{-1} exactly.
+    eps = 1e-9
+    cond = bbd.Root(lambda z, w: torch.stack([z[0], eps * z[1]]) - w)
+    fn = bbd.implicit(cond, residual_tol=1e-12)(lambda w: np.array([w[0], w[1] / eps]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no escalation warning on a regular system
+        _, (gw,) = _grad(fn, torch.tensor([0.5, 2e-9]))
+    torch.testing.assert_close(gw, torch.tensor([1.0, 1.0 / eps]), rtol=1e-10, atol=0)
+
+
+def test_badly_scaled_but_regular_system_is_not_mistaken_for_singular():
+    # F = (z0 - w0, 1e-300 (z1 - w1)): a row scaled by 1e-300 is still regular; dz/dw = I exactly.
+    eps = 1e-300
+    cond = bbd.Root(lambda z, w: torch.stack([z[0] - w[0], eps * (z[1] - w[1])]))
+    fn = bbd.implicit(cond)(lambda w: np.array([w[0], w[1]]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _, (gw,) = _grad(fn, torch.tensor([0.5, 2.0]))
+    torch.testing.assert_close(gw, torch.tensor([1.0, 1.0]), atol=0, rtol=1e-12)
+
+
+def test_system_singular_to_working_precision_warns_and_gives_the_minimum_norm_gradient():
+    # J = [[1, 1], [1, 1 + 1e-17]] rounds to an exactly singular matrix in float64. The solutions z of
+    # J z = w form a line; the black box picks the minimum-norm one. (J^T) u = (1, 1) has the
+    # minimum-norm solution u = (1/2, 1/2), so dL/dw = u: finite, never Inf or NaN.
+    d = 1e-17
+    cond = bbd.Root(lambda z, w: torch.stack([z[0] + z[1] - w[0], z[0] + (1 + d) * z[1] - w[1]]))
+    A = np.array([[1.0, 1.0], [1.0, 1.0 + d]])
+    fn = bbd.implicit(cond)(lambda w: np.linalg.lstsq(A, w, rcond=None)[0])
+    message = "Adjoint system singular or not solvable at batch instances [0]"
+    with pytest.warns(RuntimeWarning, match=re.escape(message)):
+        _, (gw,) = _grad(fn, torch.tensor([1.0, 1.0]))
+    torch.testing.assert_close(gw, torch.tensor([0.5, 0.5]), atol=1e-12, rtol=0)
+
+
+def test_ridge_regularises_a_singular_system_without_warning():
+    cond = bbd.Root(lambda z, w: torch.stack([z[0] - w, 0.0 * z[1]]))
+    fn = bbd.implicit(cond, ridge=1e-8)(lambda w: np.array([w, 0.0]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _, (gw,) = _grad(fn, torch.tensor(1.5), weights=torch.tensor([1.0, 0.0]))
+    assert gw.item() == pytest.approx(1.0 / (1.0 + 1e-8), rel=1e-12)
+
+
+def test_batch_with_one_singular_instance_leaves_the_others_exact():
+    # F = [z0 - w0, w1 * z1]: instance with w1 = 0 is singular; the others are regular.
+    cond = bbd.Root(lambda z, w: torch.stack([z[0] - w[0], w[1] * z[1]]))
+    fn = bbd.implicit(cond, in_dims=0, linear_solver="gmres")(lambda w: np.array([w[0], 0.0]))
+    W = torch.tensor([[0.5, 2.0], [1.0, 0.0], [-1.0, 3.0]])
+    with pytest.warns(RuntimeWarning, match=re.escape("singular or not solvable at batch instances [1]")):
+        _, (gW,) = _grad(fn, W)
+    assert torch.isfinite(gW).all()
+    torch.testing.assert_close(gW[[0, 2]], torch.tensor([[1.0, 0.0], [1.0, 0.0]]), atol=1e-12, rtol=0)
+
+
+# --- degenerate KKT points ---------------------------------------------------------------------------
+def test_duplicated_active_constraint_violates_licq_and_still_gives_the_right_gradient():
+    # min (x - w)^2 s.t. x <= 0 and 2x <= 0, at w = 1: x* = 0, both active, multipliers not unique
+    # (lam1 + 2 lam2 = 2): the KKT matrix is singular. dx/dw = 0 (x is pinned at the bound).
+    cond = bbd.KKT(lambda x, w: ((x - w) ** 2).sum(), ineq=lambda x, w: torch.cat([x, 2 * x]))
+    fn = bbd.implicit(cond)(lambda w: np.minimum(w, 0.0))
+    with pytest.warns(RuntimeWarning, match=re.escape(LSTSQ_WARNING)):
+        x, (gw,) = _grad(fn, torch.tensor([1.0]))
+    assert x.item() == 0.0 and gw.item() == pytest.approx(0.0, abs=1e-12)
+
+
+def test_redundant_equality_constraints_give_the_projection_gradient():
+    # Projection of y onto {x0 + x1 = 1} stated twice (2x0 + 2x1 = 2): nu is not unique.
+    # x = y - (sum y - 1)/2, so dx/dy = I - 11^T/2 whatever multipliers are chosen.
+    cond = bbd.KKT(
+        lambda x, y: 0.5 * ((x - y) ** 2).sum(),
+        eq=lambda x, y: torch.stack([x.sum() - 1, 2 * x.sum() - 2]),
+    )
+    fn = bbd.implicit(cond)(lambda y: y - (y.sum() - 1) / 2)
+    weights = torch.tensor([1.0, 3.0])
+    with pytest.warns(RuntimeWarning, match=re.escape(LSTSQ_WARNING)):
+        _, (gy,) = _grad(fn, torch.tensor([0.3, 0.9]), weights=weights)
+    P = torch.eye(2) - 0.5 * torch.ones(2, 2)
+    torch.testing.assert_close(gy, P @ weights, atol=1e-12, rtol=0)
+
+
+def test_weakly_active_simplex_corner_is_finite_and_matches_one_sided_finite_differences():
+    # y with y1 - y0 = 1 exactly: x = (0, 1, 0, ...) and constraint 0 is weakly active.
+    y = torch.tensor([0.0, 1.0, -2.0])
+    fn = bbd.implicit(KKT_SIMPLEX)(by_name("kkt").solve)
+    weights = torch.tensor([1.0, 2.0, 5.0])
+    with pytest.warns(RuntimeWarning, match="weakly active"):
+        x, (gy,) = _grad(fn, y, weights=weights)
+    torch.testing.assert_close(x, torch.tensor([0.0, 1.0, 0.0]), atol=1e-15, rtol=0)
+    assert torch.isfinite(gy).all()
+    # The one-sided derivative that keeps constraint 0 active: moving y0 down keeps x fixed.
+    h = 1e-6
+    solve = by_name("kkt").solve
+    fd = (weights.numpy() @ (solve(y.numpy() - h * np.eye(3)[0]) - solve(y.numpy()))) / -h
+    assert gy[0].item() == pytest.approx(fd, abs=1e-8)
+
+
+def test_scipy_slsqp_kkt_point_with_recovered_multipliers_matches_finite_differences():
+    # A real solver at a point where two constraints meet: min ||x - y||^2 s.t. x0 + x1 <= 1, x0 - x1 <= 0.
+    cond = bbd.KKT(
+        lambda x, y: ((x - y) ** 2).sum(),
+        ineq=lambda x, y: torch.stack([x[0] + x[1] - 1, x[0] - x[1]]),
+    )
+
+    def slsqp(y):
+        cons = [{"type": "ineq", "fun": lambda x: 1 - x[0] - x[1]}, {"type": "ineq", "fun": lambda x: x[1] - x[0]}]
+        res = scipy.optimize.minimize(
+            lambda x: ((x - y) ** 2).sum(), np.zeros(2), jac=lambda x: 2 * (x - y), constraints=cons,
+            method="SLSQP", options={"ftol": 1e-15, "maxiter": 200},
+        )
+        return res.x
+
+    fn = bbd.implicit(cond, residual_tol=1e-7)(slsqp)
+    report = bbd.check_gradients(fn, torch.tensor([1.5, 0.2]), rtol=1e-5)
+    assert report.ok, str(report)
+
+
+# --- certification rejects wrong answers -------------------------------------------------------------
+def _zoo_fn(name, solve, **options):
+    p = by_name(name)
+    return bbd.implicit(p.condition, **{**p.options, **options})(solve), p
+
+
+@pytest.mark.parametrize("name", ["root", "argmin", "fixed_point"])
+def test_an_answer_off_by_1e_4_is_rejected_with_its_residual(name):
+    p = by_name(name)
+    fn, _ = _zoo_fn(name, lambda *a: p.solve(*a) + 1e-4)
+    message = f"does not satisfy the {p.condition.describe()} condition"
+    with pytest.raises(bbd.CertificationError, match=re.escape(message)) as info:
+        fn(*p.params())
+    assert info.value.residual > info.value.tolerance
+    z = p.solve(*[q.numpy() for q in p.params()]) + 1e-4
+    assert info.value.tolerance == pytest.approx(1e-6 * (1 + float(np.abs(z).max())))
+
+
+def test_an_unconverged_solver_is_rejected_but_a_converged_one_passes():
+    p = by_name("fixed_point")
+
+    def iterate(W, x, steps):
+        z = np.zeros_like(x)
+        for _ in range(steps):
+            z = np.tanh(W @ z + x)
+        return z
+
+    with pytest.raises(bbd.CertificationError):
+        bbd.implicit(p.condition)(lambda W, x: iterate(W, x, 3))(*p.params())
+    z = bbd.implicit(p.condition)(lambda W, x: iterate(W, x, 60))(*p.params())
+    torch.testing.assert_close(z, torch.as_tensor(p.solve(*[q.numpy() for q in p.params()])), atol=1e-9, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        bbd.KKTSolution(x=[0.7, 0.6, -0.3, 0.0]),  # infeasible: x2 < 0 and sum x != 1
+        bbd.KKTSolution(x=[0.5, 0.5, 0.0, 0.0]),  # feasible, not optimal
+        bbd.KKTSolution(x=[0.7, 0.3, 0.0, 0.0], eq=[0.5], ineq=[0.0, 0.0, 0.4, 0.1]),  # wrong multipliers
+    ],
+    ids=["infeasible", "not-optimal", "wrong-multipliers"],
+)
+def test_wrong_kkt_answers_are_rejected(answer):
+    y = torch.tensor([0.9, 0.5, -0.4, 0.1])  # projection: x = (0.7, 0.3, 0, 0), nu = 0.2, lam = (0, 0, .6, .1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # weakly-active notes on the wrong points
+        with pytest.raises(bbd.CertificationError, match=re.escape("does not satisfy the KKT condition")):
+            bbd.implicit(KKT_SIMPLEX)(lambda y: answer)(y)
+
+
+def test_a_stationary_point_with_a_negative_multiplier_is_rejected():
+    # min (x - w)^2 s.t. x <= 0 at w = -1: x* = -1 (inactive). x = 0 with lam = -2 is stationary
+    # (2 (x - w) + lam = 0) and feasible, but dual infeasible: the certificate catches lam < 0.
+    cond = bbd.KKT(lambda x, w: (x - w) ** 2, ineq=lambda x, w: x)
+    fn = bbd.implicit(cond)(lambda w: bbd.KKTSolution(x=0.0, ineq=[-2.0]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        with pytest.raises(bbd.CertificationError, match=re.escape("max|F| = 2 >")):
+            fn(torch.tensor(-1.0))
+
+
+def test_the_right_kkt_answer_with_its_multipliers_passes():
+    y = torch.tensor([0.9, 0.5, -0.4, 0.1])
+    answer = bbd.KKTSolution(x=[0.7, 0.3, 0.0, 0.0], eq=[0.2], ineq=[0.0, 0.0, 0.6, 0.1])
+    sol = bbd.implicit(KKT_SIMPLEX, return_duals=True)(lambda y: answer)(y)
+    torch.testing.assert_close(sol.ineq, torch.tensor([0.0, 0.0, 0.6, 0.1]), atol=1e-12, rtol=0)
+    torch.testing.assert_close(sol.eq, torch.tensor([0.2]), atol=1e-12, rtol=0)
+
+
+def test_injected_wrong_answer_in_a_batch_fails_only_that_instance():
+    p = by_name("root")
+    A, b = p.params()
+    B = torch.stack([b, 2 * b, -b])
+
+    def sabotaged(A, b):
+        x = p.solve(A, b)
+        return x + 1e-3 if b[0] < 0 else x
+
+    fn = bbd.implicit(p.condition, in_dims=(None, 0), on_failure="nan")(sabotaged)
+    with pytest.warns(RuntimeWarning, match=re.escape("at batch index 2 does not satisfy the Root condition")):
+        Z, (gA, gB) = _grad(fn, A, B)
+    assert torch.isnan(Z[2]).all() and (gB[2] == 0).all()
+    Z2, (gA2, gB2) = _grad(bbd.implicit(p.condition, in_dims=(None, 0))(p.solve), A, B[:2])
+    torch.testing.assert_close(Z[:2], Z2, atol=0, rtol=0)
+    torch.testing.assert_close(gA, gA2, atol=1e-12, rtol=0)
+
+
+def test_certification_threshold_is_relative_to_the_answer_scale():
+    # x**2 - w = 0 at w = 1e6: z = 1000. An error of 5e-4 in z gives |F| ~ 1: above 1e-6 * 1001.
+    cond = bbd.Root(lambda x, w: x**2 - w)
+    w = torch.tensor(1e6)
+    assert bbd.implicit(cond)(lambda w: np.sqrt(w) * (1 + 1e-13))(w).item() == pytest.approx(1000.0)
+    with pytest.raises(bbd.CertificationError, match=re.escape("residual_tol*(1+max|z|) = 0.001")):
+        bbd.implicit(cond)(lambda w: np.sqrt(w) + 5e-4)(w)
