@@ -1,0 +1,133 @@
+"""Argmin backward: blackbox_diff (CG on HVPs) vs torchopt's custom_root with CG, side by side.
+
+Problem: x*(theta) = argmin_x 0.5 x^T Q x - theta^T x + 0.25 sum x^4 (Q SPD, n in {100, 1000}).
+The forward is the same black box for both (scipy L-BFGS-B polished by Newton, in numpy). We time the
+backward (one vector-Jacobian product of x* wrt theta) and report it against the forward, against
+torchopt, and the gradient error against the closed form -(H)^{-1} g.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import scipy.optimize
+import torch
+
+import blackbox_diff as bbd
+
+
+def make_problem(n: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    M = rng.standard_normal((n, n)) / np.sqrt(n)
+    Q = M @ M.T + np.eye(n)
+    theta = rng.standard_normal(n)
+    return Q, theta
+
+
+def solve_numpy(Q: np.ndarray, theta: np.ndarray) -> np.ndarray:
+    fun = lambda x: (0.5 * x @ Q @ x - theta @ x + 0.25 * (x**4).sum(), Q @ x - theta + x**3)  # noqa: E731
+    x = scipy.optimize.minimize(fun, np.zeros_like(theta), jac=True, method="L-BFGS-B",
+                                options={"gtol": 1e-10, "maxiter": 2000}).x
+    for _ in range(3):  # Newton polish: the black box returns a tight solution
+        x -= np.linalg.solve(Q + np.diag(3 * x**2), Q @ x - theta + x**3)
+    return x
+
+
+def _timeit(fn, repeat: int) -> float:
+    best = float("inf")
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def bench(n: int, repeat: int) -> dict:
+    Qn, thn = make_problem(n)
+    Q = torch.tensor(Qn)
+
+    def f(x, theta):
+        return 0.5 * x @ Q @ x - theta @ x + 0.25 * (x**4).sum()
+
+    def optimality(x, theta):  # the gradient in closed form, as torchopt users write it
+        return Q @ x - theta + x**3
+
+    ours = bbd.implicit(bbd.Argmin(f), linear_solver="cg", rtol=1e-10)(lambda th: solve_numpy(Qn, th))
+    ours_root = bbd.implicit(bbd.Root(optimality, structure="spd"), rtol=1e-10)(lambda th: solve_numpy(Qn, th))
+    g = torch.randn(n, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+
+    def run_ours(fn=ours):
+        th = torch.tensor(thn, requires_grad=True)
+        x = fn(th)
+        t0 = time.perf_counter()
+        (gr,) = torch.autograd.grad(x, th, g)
+        return time.perf_counter() - t0, gr, x.detach()
+
+    t_forward = _timeit(lambda: solve_numpy(Qn, thn), repeat)
+    t_ours = min(run_ours()[0] for _ in range(repeat))
+    t_root = min(run_ours(ours_root)[0] for _ in range(repeat))
+    _, g_ours, xs = run_ours()
+    g_root = run_ours(ours_root)[1]
+    H = Q + torch.diag(3 * xs**2)
+    exact = torch.linalg.solve(H, g)  # dx/dtheta = H^{-1}, symmetric
+    err = lambda got: float((got - exact).abs().max() / exact.abs().max())  # noqa: E731
+    row = {"n": n, "forward_s": t_forward, "ours_backward_s": t_ours, "ours_err": err(g_ours),
+           "ours_root_backward_s": t_root, "ours_root_err": err(g_root)}
+    try:
+        import torchopt
+    except ImportError:
+        row["torchopt"] = "not installed"
+        return row
+
+    @torchopt.diff.implicit.custom_root(optimality, argnums=1,
+                                         solve=torchopt.linear_solve.solve_cg(maxiter=10 * n, rtol=1e-10))
+    def theirs(x0, theta):
+        return torch.tensor(solve_numpy(Qn, theta.detach().numpy()))
+
+    def run_theirs():
+        th = torch.tensor(thn, requires_grad=True)
+        x = theirs(torch.zeros(n, dtype=torch.float64), th)
+        t0 = time.perf_counter()
+        (gr,) = torch.autograd.grad(x, th, g)
+        return time.perf_counter() - t0, gr
+
+    t_theirs = min(run_theirs()[0] for _ in range(repeat))
+    g_theirs = run_theirs()[1]
+    row.update({"torchopt_backward_s": t_theirs,
+                "torchopt_err": err(g_theirs), "ours_root/torchopt": t_root / t_theirs,
+                "ours/torchopt": t_ours / t_theirs, "ours_backward/forward": t_ours / t_forward})
+    return row
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--fast", action="store_true", help="n = 100 only, 3 repeats")
+    parser.add_argument("--json", help="write the table as JSON to this path")
+    args = parser.parse_args(argv)
+    sizes, repeat = ([100], 3) if args.fast else ([100, 1000], 7)
+    rows = [bench(n, repeat) for n in sizes]
+    cols = [("n", "n", "{:>6}"), ("forward ms", "forward_s", "ms"), ("Argmin bwd ms", "ours_backward_s", "ms"),
+            ("Root(spd) bwd ms", "ours_root_backward_s", "ms"), ("torchopt bwd ms", "torchopt_backward_s", "ms"),
+            ("Argmin/torchopt", "ours/torchopt", "{:.2f}"), ("Root/torchopt", "ours_root/torchopt", "{:.2f}"),
+            ("bwd/fwd", "ours_backward/forward", "{:.2f}"), ("ours err", "ours_err", "{:.1e}"),
+            ("torchopt err", "torchopt_err", "{:.1e}")]
+    print("  ".join(c[0] for c in cols))
+    for r in rows:
+        cells = []
+        for title, key, fmt in cols:
+            v = r.get(key, float("nan"))
+            text = f"{1e3 * v:.2f}" if fmt == "ms" else fmt.format(v)
+            cells.append(text.rjust(len(title)))
+        print("  ".join(cells))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(rows, indent=2))
+    return rows
+
+
+if __name__ == "__main__":
+    main()

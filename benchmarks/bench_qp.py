@@ -1,0 +1,250 @@
+"""Random QPs as layers: blackbox_diff's cvxpy backend against cvxpylayers, side by side in one run.
+
+The problem (as in the OptNet / qpth benchmarks): n variables, n inequalities, n/4 equalities,
+
+    minimise 1/2 x^T P x + q^T x   subject to   G x <= h,   A x = b,
+
+with P fixed and q, G, h, A, b parameters, random and feasible (h = G x0 + slack, b = A x0). Both layers
+use Clarabel as the inner solver, serially (no worker threads), in float64. Reported per instance:
+forward and backward times (median of repeats, after a warm-up call), their ratios, and gradient
+errors: the directional derivative <dL/dtheta, d> for L = w^T x* and a random direction d, against the
+central difference of L along d computed with cvxpy's own Clarabel solve at a tight tolerance.
+
+qpth does not install on this machine (it needs an old PyTorch build), so it is not compared.
+
+Run:  python benchmarks/bench_qp.py [--fast] [--json out.json] [--sizes 10 50 200] [--batches 1 16 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parents[1] / "plugins")]
+
+import blackbox_diff as bbd  # noqa: E402
+
+
+def make_problem(n: int, seed: int = 0):
+    """The cvxpy problem, its parameters (q, G, h, A, b) and the variable x."""
+    import cvxpy as cp
+
+    rng = np.random.default_rng(seed)
+    M = rng.standard_normal((n, n))
+    P = M @ M.T / n + 0.1 * np.eye(n)
+    m, p = n, max(n // 4, 1)
+    x = cp.Variable(n)
+    q, G, h = cp.Parameter(n), cp.Parameter((m, n)), cp.Parameter(m)
+    A, b = cp.Parameter((p, n)), cp.Parameter(p)
+    problem = cp.Problem(cp.Minimize(0.5 * cp.quad_form(x, P) + q @ x), [G @ x <= h, A @ x == b])
+    return problem, [q, G, h, A, b], x
+
+
+def make_batch(n: int, B: int, seed: int = 1) -> list[torch.Tensor]:
+    rng = np.random.default_rng(seed)
+    m, p = n, max(n // 4, 1)
+    x0 = rng.standard_normal((B, n))
+    G = rng.standard_normal((B, m, n))
+    A = rng.standard_normal((B, p, n))
+    h = np.einsum("bij,bj->bi", G, x0) + rng.uniform(0.0, 1.0, (B, m))
+    b = np.einsum("bij,bj->bi", A, x0)
+    q = rng.standard_normal((B, n))
+    return [torch.tensor(v) for v in (q, G, h, A, b)]
+
+
+def _time(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def _forward_backward(layer, values, repeats: int, call) -> tuple[float, float]:
+    """Median forward and backward wall times of one batched call (after one warm-up call)."""
+    params = [v.clone().requires_grad_(True) for v in values]
+
+    def forward():
+        return call(layer, params)[0]
+
+    out = forward()
+    out.sum().backward()  # warm-up: lazy imports, caches
+    fwd, bwd = [], []
+    for _ in range(repeats):
+        for p in params:
+            p.grad = None
+        t = time.perf_counter()
+        out = forward()
+        fwd.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        out.sum().backward()
+        bwd.append(time.perf_counter() - t)
+    return statistics.median(fwd), statistics.median(bwd)
+
+
+def _bbd_call(layer, params):
+    return layer(*params)
+
+
+def _cvxpylayers_call(layer, params):
+    args = {"solve_method": "Clarabel", "n_jobs_forward": 1, "n_jobs_backward": 1}
+    return layer(*params, solver_args=args)
+
+
+def _reference_loss(problem, params, x, values, w) -> float:
+    for handle, v in zip(params, values, strict=True):
+        handle.value = v.numpy()
+    problem.solve(solver="CLARABEL", tol_gap_abs=1e-12, tol_gap_rel=1e-12, tol_feas=1e-12,
+                  tol_ktratio=1e-10, max_iter=500)
+    return float(w @ x.value)
+
+
+def gradient_error(layer, call, problem, params, x, values, h: float = 1e-5, seed: int = 2) -> float:
+    """Relative error of the directional derivative against central differences of a tight solve."""
+    rng = np.random.default_rng(seed)
+    n = values[0].numel()
+    w = torch.tensor(rng.standard_normal(n))
+    direction = [torch.tensor(rng.standard_normal(v.shape)) for v in values]
+    theta = [v.clone().requires_grad_(True) for v in values]
+    out = call(layer, theta)[0]
+    grads = torch.autograd.grad((w * out).sum(), theta)
+    implicit = sum(float((g * d).sum()) for g, d in zip(grads, direction, strict=True))
+    up = [v + h * d for v, d in zip(values, direction, strict=True)]
+    down = [v - h * d for v, d in zip(values, direction, strict=True)]
+    fd = (_reference_loss(problem, params, x, up, w.numpy())
+          - _reference_loss(problem, params, x, down, w.numpy())) / (2 * h)
+    return abs(implicit - fd) / max(abs(fd), 1e-12)
+
+
+def _dense_kkt_time(n: int, B: int, repeats: int) -> float:
+    """A batched dense solve of systems the size of the QP's KKT matrix (the cost floor quoted)."""
+    N = n + n + max(n // 4, 1)
+    K = torch.randn(B, N, N, dtype=torch.float64) + N * torch.eye(N, dtype=torch.float64)
+    g = torch.randn(B, N, 1, dtype=torch.float64)
+    torch.linalg.solve(K, g)
+    return _time(lambda: torch.linalg.solve(K, g), repeats)
+
+
+def run_case(n: int, B: int, repeats: int, with_error: bool) -> dict:
+    from cvxpylayers.torch import CvxpyLayer
+
+    problem, params, x = make_problem(n)
+    values = make_batch(n, B)
+    ours = bbd.layer(problem, parameters=params, variables=[x])
+    theirs = CvxpyLayer(problem, parameters=params, variables=[x])
+    row = {"n": n, "B": B}
+    row["bbd_forward_ms"], row["bbd_backward_ms"] = (
+        1e3 * t / B for t in _forward_backward(ours, values, repeats, _bbd_call)
+    )
+    row["cvxpylayers_forward_ms"], row["cvxpylayers_backward_ms"] = (
+        1e3 * t / B for t in _forward_backward(theirs, values, repeats, _cvxpylayers_call)
+    )
+    row["dense_kkt_ms"] = 1e3 * _dense_kkt_time(n, B, repeats) / B
+    row["backward_over_forward"] = row["bbd_backward_ms"] / row["bbd_forward_ms"]
+    row["backward_speedup"] = row["cvxpylayers_backward_ms"] / row["bbd_backward_ms"]
+    row["forward_ratio"] = row["bbd_forward_ms"] / row["cvxpylayers_forward_ms"]
+    if with_error:
+        single = [v[0] for v in values]
+        row["bbd_grad_error"] = gradient_error(ours, _bbd_call, problem, params, x, single)
+        row["cvxpylayers_grad_error"] = gradient_error(theirs, _cvxpylayers_call, problem, params, x, single)
+    return row
+
+
+def barely_active_errors(n: int = 50, B: int = 16, seed: int = 3) -> dict:
+    """Gradient error on projections onto a box with barely active / barely inactive rows.
+
+    x* = min(p, u) has the closed-form Jacobians diag(p < u) and diag(p > u). Rows with |p - u| = 1e-4
+    and 1e-6 are nondegenerate, but an interior-point answer has slack and multiplier both ~1e-4 there.
+    Returns the largest absolute gradient error of each layer (Clarabel and SCS inside).
+    """
+    import cvxpy as cp
+    from cvxpylayers.torch import CvxpyLayer
+
+    x = cp.Variable(n)
+    p, u = cp.Parameter(n), cp.Parameter(n)
+    problem = cp.Problem(cp.Minimize(0.5 * cp.sum_squares(x - p)), [x <= u])
+    rng = np.random.default_rng(seed)
+    gaps = rng.choice([-1e-6, 1e-6, -1e-4, 1e-4, -1e-2, 1e-2, -1.0, 1.0], size=(B, n))
+    p_val, u_val = torch.tensor(1.0 + gaps), torch.ones(B, n, dtype=torch.float64)
+    active = torch.tensor(gaps > 0, dtype=torch.float64)
+    out = {}
+    layers = {
+        "bbd_clarabel": (bbd.layer(problem, parameters=[p, u], variables=[x]), {}),
+        "bbd_scs": (bbd.layer(problem, parameters=[p, u], variables=[x], solver="SCS"), {}),
+        "cvxpylayers_clarabel": (CvxpyLayer(problem, parameters=[p, u], variables=[x]),
+                                 {"solver_args": {"solve_method": "Clarabel"}}),
+        "cvxpylayers_scs": (CvxpyLayer(problem, parameters=[p, u], variables=[x]),
+                            {"solver_args": {"solve_method": "SCS"}}),
+    }
+    for name, (layer, kwargs) in layers.items():
+        pp, uu = p_val.clone().requires_grad_(True), u_val.clone().requires_grad_(True)
+        (sol,) = layer(pp, uu, **kwargs)
+        sol.sum().backward()
+        out[name] = max(float((pp.grad - (1 - active)).abs().max()), float((uu.grad - active).abs().max()))
+    return out
+
+
+def _table(rows: list[dict]) -> str:
+    head = (f"{'n':>4} {'B':>3} | {'fwd bbd':>9} {'fwd cvxl':>9} {'ratio':>6} | {'bwd bbd':>9} {'bwd cvxl':>9} "
+            f"{'speedup':>8} {'bwd/fwd':>8} {'KKT':>8} | {'err bbd':>8} {'err cvxl':>8}")
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        err = (f"{r['bbd_grad_error']:8.1e} {r['cvxpylayers_grad_error']:8.1e}" if "bbd_grad_error" in r
+               else f"{'':>8} {'':>8}")
+        lines.append(
+            f"{r['n']:>4} {r['B']:>3} | {r['bbd_forward_ms']:9.3f} {r['cvxpylayers_forward_ms']:9.3f} "
+            f"{r['forward_ratio']:6.2f} | {r['bbd_backward_ms']:9.3f} {r['cvxpylayers_backward_ms']:9.3f} "
+            f"{r['backward_speedup']:7.1f}x {r['backward_over_forward']:8.3f} {r['dense_kkt_ms']:8.3f} | {err}"
+        )
+    lines.append("times: ms per instance (median); ratio = fwd bbd / fwd cvxpylayers; speedup = bwd cvxpylayers "
+                 "/ bwd bbd; KKT = one dense batched solve of the KKT size; err = relative error of a "
+                 "directional derivative vs central differences of a tight Clarabel solve (B=1 instance).")
+    lines.append("blackbox_diff factors the KKT matrix in the forward pass (when gradients are on), so its "
+                 "backward is a triangular solve: compare fwd+bwd totals too. qpth: not installable here.")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--fast", action="store_true", help="n = 10 and 50, B = 1 and 16, 1 repeat")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[10, 50, 200])
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 16, 64])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--json", type=Path, default=None, help="write the rows to this JSON file")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch intra-op threads (default 1: small batched ops lose to thread start-up, "
+                        "badly so on a loaded machine; applies to both layers)")
+    args = parser.parse_args(argv)
+    sizes, batches, repeats = args.sizes, args.batches, args.repeats
+    if args.fast:
+        sizes, batches, repeats = [10, 50], [1, 16], 1
+    torch.set_num_threads(args.threads)
+    rows = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # cvxpylayers/diffcp deprecation noise
+        for n in sizes:
+            for B in batches:
+                rows.append(run_case(n, B, repeats, with_error=(B == batches[0])))
+                print(f"  done n={n} B={B}", file=sys.stderr, flush=True)
+    print(_table(rows))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        errors = barely_active_errors(n=20 if args.fast else 50, B=4 if args.fast else 16)
+    print("barely active box projections, max |gradient error| vs the closed form: "
+          + ", ".join(f"{k} {v:.1e}" for k, v in errors.items()))
+    if args.json is not None:
+        args.json.write_text(json.dumps({"qp": rows, "barely_active": errors}, indent=2))
+    return rows
+
+
+if __name__ == "__main__":
+    main()
