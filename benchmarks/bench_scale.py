@@ -10,8 +10,8 @@ where a batch's time is the solves. Reported per executor:
 * the per-instance overhead of the executor path: the same fan-out with a solver that does nothing,
   minus the in-process loop, divided by B.
 
-"chunked" rows submit ceil(B / (4 * workers)) instances per task instead of one task per instance (the
-change proposed for `_batching.run_instances`, measured here by a local variant). Process pools named
+"chunked" rows use the engine's default, ceil(B / (4 * workers)) instances per task; the others force one
+task per instance (`run_instances(..., chunk_size=1)`). Process pools named
 "(owned)" are created by the caller once and reused; "processes" (the string option) makes a fresh pool
 per call, and its start-up is part of the time. Dask runs a LocalCluster of worker processes on loopback.
 
@@ -24,7 +24,6 @@ import argparse
 import concurrent.futures
 import contextlib
 import json
-import math
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -62,56 +61,18 @@ def noop(Q: np.ndarray, c: np.ndarray) -> np.ndarray:
     return c
 
 
-# --- the proposed chunked fan-out (see /work/notes/chunking.md) ----------------------------------------
-def _call_chunk(solve: Callable, chunk: list[tuple]) -> list[tuple[bool, Any]]:
-    out = []
-    for a in chunk:
-        try:
-            out.append((True, solve(*a)))
-        except Exception as err:  # noqa: BLE001 - per-instance result, as in run_instances
-            out.append((False, err))
-    return out
-
-
-def run_instances_chunked(solve, args, executor, max_workers, chunk_size=None):
-    """`_batching.run_instances` with chunks of instances per task (same results, same order)."""
-    from blackbox_diff._batching import run_instances
-
-    if executor is None or len(args) <= 1:
-        return run_instances(solve, args, executor, max_workers)
-    workers = max_workers or os.cpu_count() or 1
-    k = chunk_size or max(1, math.ceil(len(args) / (4 * workers)))
-    owned = executor in ("threads", "processes")
-    pool = (
-        concurrent.futures.ThreadPoolExecutor(max_workers)
-        if executor == "threads"
-        else concurrent.futures.ProcessPoolExecutor(max_workers)
-        if executor == "processes"
-        else executor
-    )
-    try:
-        chunks = [args[i : i + k] for i in range(0, len(args), k)]
-        futures = [pool.submit(_call_chunk, solve, ch) for ch in chunks]
-        results: list[tuple[bool, Any]] = []
-        for fut, ch in zip(futures, chunks, strict=True):
-            try:
-                results.extend(fut.result())
-            except Exception as err:  # noqa: BLE001 - a lost task fails its instances
-                results.extend([(False, err)] * len(ch))
-        return results
-    finally:
-        if owned:
-            pool.shutdown(wait=True)
-
-
+# --- chunked (the engine's default) vs one task per instance (chunk_size=1) ------------------------------
 @contextlib.contextmanager
 def chunked(enabled: bool) -> Iterator[None]:
-    """Swap the engine's fan-out for the chunked variant while measuring."""
+    """Measure the engine's fan-out as it is (chunked), or forced to one task per instance."""
     import blackbox_diff._implicit as engine
+    from blackbox_diff._batching import run_instances
+
+    def one_per_task(solve: Callable, args: list, executor: Any, max_workers: int | None) -> list:
+        return run_instances(solve, args, executor, max_workers, chunk_size=1)
 
     original = engine.run_instances
-    if enabled:
-        engine.run_instances = run_instances_chunked
+    engine.run_instances = run_instances if enabled else one_per_task
     try:
         yield
     finally:

@@ -4,6 +4,7 @@ A black-box solver maps parameters to a solution z*; an optimality condition F(z
 z*; the implicit function theorem turns dL/dz* into dL/dparams with one adjoint linear solve.
 """
 
+from blackbox_diff import deq, linalg, ode
 from blackbox_diff._backend import AbstractBackend, Compiled
 from blackbox_diff._checks import GradientReport, check_gradients
 from blackbox_diff._conditions import KKT, AbstractCondition, Argmin, FixedPoint, KKTSolution, Root
@@ -22,6 +23,8 @@ from blackbox_diff._implicit import ImplicitFunction, implicit
 from blackbox_diff._layer import layer
 from blackbox_diff._options import ImplicitOptions
 from blackbox_diff._registry import backends, plugin_manager
+from blackbox_diff.deq import DEQ, fixed_point_layer
+from blackbox_diff.ode import odeint, solve_ivp_layer
 
 __version__ = "0.1.0"
 
@@ -32,6 +35,7 @@ __all__ = [
     "BackendUnavailableError",
     "BlackBoxDiffError",
     "CertificationError",
+    "DEQ",
     "Compiled",
     "Executable",
     "FixedPoint",
@@ -47,8 +51,14 @@ __all__ = [
     "SolverError",
     "backends",
     "check_gradients",
+    "deq",
+    "fixed_point_layer",
     "hookimpl",
     "implicit",
     "layer",
+    "linalg",
+    "ode",
+    "odeint",
     "plugin_manager",
+    "solve_ivp_layer",
 ]

@@ -25,6 +25,9 @@ _KRYLOV = {
     "bicgstab": linalg.bicgstab,
     "neumann": linalg.neumann,
 }
+# A Krylov solve that stalls escalates to a dense solve only up to this multiple of dense_max_size:
+# beyond it, materialising J (n VJPs, n^2 memory per instance) would cost more than the user asked for.
+DENSIFY_FACTOR = 4
 _BY_STRUCTURE = {"spd": "cg", "symmetric": "minres", "fixed_point": "neumann", "general": "gmres"}
 
 
@@ -76,6 +79,8 @@ def solve_adjoint(
         LinearSolveError: an instance did not converge and `options.fallback` is False.
     """
     B, n = g.shape
+    if n == 0:
+        return torch.zeros_like(g), []
     ridge = options.ridge
     op = (lambda v: matvec(v) + ridge * v) if ridge else matvec
     method = choose_solver(options.linear_solver, structure, n, options.dense_max_size)
@@ -96,7 +101,23 @@ def solve_adjoint(
             f"Expected a converged solve with rtol={options.rtol:g}. Allow escalation (fallback=True), pick "
             "linear_solver='dense', raise max_steps, or add ridge= if the system is singular."
         )
-    if method in _KRYLOV:
+    if method in _KRYLOV and method != "gmres":
+        # Neumann diverges on a non-contractive map, CG/MINRES on a system that is not SPD/symmetric:
+        # GMRES assumes nothing and still never forms the matrix.
+        sol = linalg.gmres(op, g, rtol=options.rtol, max_steps=options.max_steps)
+        history.append(sol)
+        u = torch.where(bad[:, None], sol.x, u)
+        bad = bad & ~sol.converged
+        if not bool(bad.any()):
+            return u, history
+    if A is None and n > DENSIFY_FACTOR * options.dense_max_size:
+        raise LinearSolveError(
+            f"The adjoint system (dF/dz)^T u = dL/dz was not solved: {_failure_message(history, bad)}. It has "
+            f"n = {n} unknowns, more than {DENSIFY_FACTOR} x dense_max_size = "
+            f"{DENSIFY_FACTOR * options.dense_max_size}, so it is not materialised as a dense fallback. Add "
+            "ridge= if the system is singular, raise max_steps, or raise dense_max_size to allow a dense solve."
+        )
+    if A is None:
         A = _dense_operator(matvec, batched_matvec, g, ridge)
         dense = linalg.dense_solve(A, g)
         history.append(dense)

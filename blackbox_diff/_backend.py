@@ -49,6 +49,8 @@ class AbstractBackend(abc.ABC):
         name: the registry key (``bbd.layer(..., backend=name)``).
         requires: importable module names the backend needs; a missing one makes it unavailable.
         extra: the pip extra that installs them (``pip install "blackbox-diff[extra]"``).
+        install_hint: the full install command, for third-party backends whose libraries are not one of
+            blackbox-diff's extras (e.g. ``"pip install my-solver"``); it overrides `extra`.
         problem_types: a short human description of what it accepts, for ``blackbox-diff plugins``.
         returns_duals: whether its solutions carry multipliers.
         Options: a pydantic model (extra="forbid") of the backend's own options.
@@ -57,6 +59,7 @@ class AbstractBackend(abc.ABC):
     name: ClassVar[str] = ""
     requires: ClassVar[tuple[str, ...]] = ()
     extra: ClassVar[str | None] = None
+    install_hint: ClassVar[str | None] = None
     problem_types: ClassVar[str] = ""
     returns_duals: ClassVar[bool] = False
 
@@ -71,10 +74,10 @@ class AbstractBackend(abc.ABC):
         """Raise `BackendUnavailableError` with the install hint when the backend's library is missing."""
         missing = [m for m in self.requires if importlib.util.find_spec(m) is None]
         if missing:
-            extra = self.extra or self.name
+            hint = self.install_hint or f'pip install "blackbox-diff[{self.extra or self.name}]"'
             raise BackendUnavailableError(
                 f"Backend {self.name!r} needs {', '.join(missing)}, which is not installed. "
-                f'Install it with: pip install "blackbox-diff[{extra}]"'
+                f"Install it with: {hint}"
             )
 
     @abc.abstractmethod

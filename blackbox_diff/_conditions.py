@@ -31,6 +31,9 @@ class AbstractCondition(abc.ABC):
     structure: ClassVar[Structure] = "general"
     # True when `prepare` wants the black box's raw answer (e.g. a KKTSolution) rather than a tensor.
     raw_solution: ClassVar[bool] = False
+    # False when `residual` cannot run under torch.func.vmap (calls into numpy, CasADi, .item(), ...):
+    # the batch is then evaluated in a loop without a failed vmap attempt first.
+    vmappable: ClassVar[bool] = True
 
     @abc.abstractmethod
     def residual(self, z: torch.Tensor, *params: Any) -> torch.Tensor:

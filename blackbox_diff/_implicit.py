@@ -83,6 +83,9 @@ class _Residual:
 
     def __call__(self, Z: torch.Tensor, aux: tuple, params: list, fn: Callable | None = None) -> torch.Tensor:
         fn = fn or self.single
+        if Z.shape[0] == 1:  # one instance: no batching transform needed
+            p = [q[0] if b else q for q, b in zip(params, self.batched, strict=True)]
+            return fn(Z[0], *[x[0] for x in aux], *p).unsqueeze(0)
         if self.use_vmap:
             dims = (0,) + (0,) * self.n_aux + tuple(0 if b else None for b in self.batched)
             try:
@@ -104,6 +107,7 @@ class _AdjointSolve(torch.autograd.Function):
     def forward(ctx, R, residual, Z, aux, params, structure, options):  # noqa: D102
         ctx.residual, ctx.Z, ctx.aux, ctx.params = residual, Z, aux, params
         ctx.structure, ctx.options = structure, options
+        ctx.batched_grads = residual.use_vmap
         return R.view_as(R)
 
     @staticmethod
@@ -123,8 +127,13 @@ class _AdjointSolve(torch.autograd.Function):
                 return torch.zeros_like(v) if out is None else out
 
             def batched_matvec(V: torch.Tensor) -> torch.Tensor:
-                (out,) = torch.autograd.grad(Fz, z, V, retain_graph=True, is_grads_batched=True)
-                return out
+                if ctx.batched_grads:
+                    try:
+                        (out,) = torch.autograd.grad(Fz, z, V, retain_graph=True, is_grads_batched=True)
+                        return out
+                    except Exception:  # noqa: BLE001 - an op in F without a batching rule: loop instead
+                        ctx.batched_grads = False
+                return torch.stack([matvec(v) for v in V])
 
             u, _ = solve_adjoint(
                 matvec, g.detach(), structure=ctx.structure, options=ctx.options, batched_matvec=batched_matvec
@@ -184,8 +193,10 @@ class ImplicitFunction:
                     "on_failure='nan' the rest of the batch proceeds.",
                     batch_index=idx,
                 )
-                if err is value and err.batch_index is None:
+                if err is value and err.batch_index is None and idx is not None:
                     err.batch_index = idx
+                    if err.args and isinstance(err.args[0], str) and "batch index" not in err.args[0]:
+                        err.args = (f"{err.args[0].rstrip()} (batch index {idx})", *err.args[1:])
                 if err is not value:
                     err.__cause__ = value
                 self._fail(err, idx, call_args)
@@ -247,7 +258,7 @@ class ImplicitFunction:
             else:
                 C = residual(Z, aux, params, fn=residual.single_certificate)
             err = C.abs().amax(dim=1) if C.shape[1] else C.new_zeros(C.shape[0])
-            scale = 1.0 + (Z.abs().amax(dim=1) if Z.shape[1] else 0.0)
+            scale = 1.0 + (Z.abs().amax(dim=1) if Z.shape[1] else Z.new_zeros(Z.shape[0]))
             bad = (err > tol * scale).tolist()
         passed = []
         for b, e, s, i in zip(bad, err.tolist(), (scale * tol).tolist(), idx_ok, strict=True):
@@ -271,7 +282,7 @@ class ImplicitFunction:
 
     def _differentiable(self, condition, Z, aux, ok, shape, moved, batched, args, unbatched) -> torch.Tensor:
         """Evaluate F at the answers, certify them, and attach the implicit gradient."""
-        residual = _Residual(condition, shape, batched, len(aux))
+        residual = _Residual(condition, shape, batched, len(aux), use_vmap=bool(getattr(condition, "vmappable", True)))
         for _ in range(2):  # a second pass only when certification removed instances
             idx_ok = torch.nonzero(ok).flatten()
             if idx_ok.numel() == 0:
@@ -341,4 +352,6 @@ def _solution_tensor(value: Any, dtype: torch.dtype, device: torch.device, where
 def _unbatch(result: Any) -> Any:
     if isinstance(result, KKTSolution):
         return KKTSolution(x=result.x[0], eq=result.eq[0], ineq=result.ineq[0])
+    if isinstance(result, (tuple, list)):
+        return type(result)(_unbatch(r) for r in result)
     return result[0]

@@ -49,8 +49,9 @@ class ImplicitOptions(BaseModel):
     )
     fallback: bool = Field(
         True,
-        description="Escalate an unconverged or singular adjoint solve (Krylov -> dense -> least squares, "
-        "with a warning). False raises LinearSolveError instead.",
+        description="Escalate an unconverged or singular adjoint solve (Krylov -> GMRES -> dense -> least "
+        "squares, with a warning; dense only up to 4 x dense_max_size unknowns). False raises "
+        "LinearSolveError instead.",
     )
     dense_max_size: int = Field(
         1000, ge=0, description="'auto' uses a dense solve when the system size is at most this."

@@ -179,3 +179,15 @@ def test_linear_solve_error_names_the_fix():
     w = torch.tensor(1.0, requires_grad=True)
     with pytest.raises(bbd.LinearSolveError, match=re.escape("Allow escalation (fallback=True)")):
         fn(w).sum().backward()
+
+
+def test_solver_error_raised_by_the_black_box_gets_its_batch_index():
+    def solver(w):
+        if w < 0:
+            raise bbd.SolverError("my solver: no real root", status="infeasible")
+        return np.sqrt(w)
+
+    fn = bbd.implicit(bbd.Root(lambda z, w: z**2 - w), in_dims=0)(solver)
+    with pytest.raises(bbd.SolverError, match=re.escape("my solver: no real root (batch index 1)")) as info:
+        fn(torch.tensor([4.0, -1.0]))
+    assert info.value.batch_index == 1 and info.value.status == "infeasible"

@@ -9,9 +9,8 @@ float16, bfloat16, int, bool, complex, strings), NaN/Inf, requires-grad/no-grad 
 the executor and the array convention. A second property feeds options of the wrong type.
 
 "Documented error" means a `bbd.BlackBoxDiffError` (InputError for malformed input); anything else
-(a traceback from inside numpy or torch) is a failure. Bugs found in files this suite does not own are
-listed in KNOWN_BUGS: the property tolerates their current behaviour and counts it, and one strict
-xfail test per bug pins the correct behaviour until the fix lands.
+(a traceback from inside numpy or torch) is a failure. Each bug this suite found (7, all fixed in the
+core) keeps one strict regression test at the end of the file.
 """
 
 from __future__ import annotations
@@ -185,52 +184,6 @@ def _expected_error(case: Case) -> str | None:
     return None
 
 
-# Bugs found by this suite in core files it does not own: the name, the behaviour seen today and the
-# exact fix. The property accepts today's behaviour for these cases only, and counts it.
-KNOWN_BUGS = {
-    "low precision": "float16/bfloat16 tensors pass as_parameters (whose message says 'float32 or float64'); "
-    "the forward certifies in half precision and the backward raises a bare ValueError from linalg. "
-    "Fix: _batching.py::as_parameters, reject dtypes other than float32/float64 with the existing InputError.",
-    "complex numpy": "a complex numpy array or np.complex128 scalar is converted with np.asarray(p, float64), which "
-    "drops the imaginary part with only a ComplexWarning. Fix: _batching.py::as_parameters, raise the dtype "
-    "InputError when np.iscomplexobj(p) before converting.",
-    "numpy text": "a numpy array of strings (or a python int too large for a float) raises a bare ValueError/"
-    "OverflowError from numpy. Fix: _batching.py::as_parameters, wrap np.asarray(p, dtype=np.float64) in "
-    "try/except (TypeError, ValueError, OverflowError) and raise the dtype InputError from it.",
-    "meta": "a tensor on the meta device raises RuntimeError('Tensor.item() cannot be called on meta tensors') "
-    "from the finiteness check. Fix: _batching.py::as_parameters, check devices before values and reject "
-    "device.type == 'meta' with an InputError ('parameters must hold data: cpu or cuda').",
-    "empty batch": "a batch of size 0 raises SolverError('Every instance of the batch failed') although nothing "
-    "failed. Fix: _batching.py::batch_layout, raise InputError('in_dims selects a batch of size 0 ...') "
-    "when the common batch size is 0.",
-    "empty instance": "an instance with zero unknowns raises AttributeError(\"'float' object has no attribute "
-    "'tolist'\") in _implicit.py::_certify, whose scale falls back to the float 0.0, and then a ValueError "
-    "from linalg.materialize (n = 0) in the backward. Fix: in _certify, scale = 1.0 + (Z.abs().amax(dim=1) if "
-    "Z.shape[1] else Z.new_zeros(Z.shape[0])); in _adjoint.py::solve_adjoint, return torch.zeros_like(g), [] "
-    "when n == 0.",
-}
-
-
-def _known_bug(case: Case, err: BaseException | None) -> str | None:
-    text = f"{type(err).__name__}: {err}" if err is not None else ""
-    for a in (case.w, case.c):
-        if a.dtype in LOW and a.container == "torch" and not isinstance(err, bbd.InputError):
-            if err is None or isinstance(err, bbd.BlackBoxDiffError) or "float32 or float64" in text:
-                return "low precision"
-        if a.container in ("numpy", "python") and a.dtype == "complex128" and err is None:
-            return "complex numpy"
-        raw = err is not None and not isinstance(err, bbd.BlackBoxDiffError)
-        if a.dtype == "str" and raw and isinstance(err, ValueError) and "could not convert string" in text:
-            return "numpy text"
-        if a.meta and isinstance(err, RuntimeError) and "meta tensors" in text:
-            return "meta"
-    if case.batch == 0 and isinstance(err, bbd.SolverError) and "Every instance of the batch failed" in text:
-        return "empty batch"
-    if isinstance(err, AttributeError) and "'float' object has no attribute 'tolist'" in text:
-        return "empty instance"
-    return None
-
-
 def _seed(case: Case) -> int:
     return zlib.crc32(repr(case).encode())
 
@@ -257,9 +210,6 @@ def run_case(case: Case) -> str:
                     (out * weight).sum().backward()
     except Exception as exc:  # noqa: BLE001 - classified below
         err = exc
-    bug = _known_bug(case, err)
-    if bug is not None:
-        return f"known bug: {bug}"
     if expected_error is not None:
         assert isinstance(err, bbd.InputError), f"{case}\nexpected InputError ({expected_error}), got {err!r}"
         return f"InputError: {expected_error}"
@@ -333,9 +283,9 @@ def test_fuzz_options_of_the_wrong_type_raise_input_error(option, via_with_optio
     STATS["cases"] += 1
 
 
-# --- one strict test per bug found (xfail until the core fix lands) --------------------------------------
+# --- one strict regression test per bug the fuzzer found --------------------------------------
 def _strict(case: Case) -> None:
-    """The strict oracle: no KNOWN_BUGS tolerance."""
+    """The strict oracle for one case."""
     wv, cv = _canonical(case.w, case.batch, 0), _canonical(case.c, case.batch, 1)
     (w, _), (c, _) = _build(case.w, wv), _build(case.c, cv)
     in_dims = None if case.batch is None else tuple(a.dim if a.batched else None for a in (case.w, case.c))
@@ -359,31 +309,21 @@ def _case(w: Arg, c: Arg | None = None, batch: int | None = None) -> Case:
                 arrays="numpy")
 
 
-def _xfail(name: str):
-    return pytest.mark.xfail(strict=True, reason=KNOWN_BUGS[name])
-
-
-@_xfail("low precision")
 def test_bug_half_precision_parameters_are_rejected():
     _strict(_case(_arg(dtype="float16")))
 
 
-@_xfail("low precision")
 def test_bug_half_precision_backward_raises_a_documented_error():
     w = torch.tensor([1.0, 2.0], dtype=torch.bfloat16, requires_grad=True)
-    try:
+    with pytest.raises(bbd.InputError, match="half precision"):
         bbd.implicit(COND)(closed_form_solver)(w, torch.tensor(0.5, dtype=torch.bfloat16)).sum().backward()
-    except bbd.BlackBoxDiffError:
-        return
 
 
-@_xfail("complex numpy")
 def test_bug_complex_numpy_arrays_are_rejected():
     with pytest.raises(bbd.InputError, match=re.escape("expected a real floating dtype")):
         bbd.implicit(COND)(closed_form_solver)(np.array([1.0 + 1j, 2.0]), 0.5)
 
 
-@_xfail("numpy text")
 def test_bug_numpy_text_and_huge_ints_are_rejected():
     with pytest.raises(bbd.InputError):
         bbd.implicit(COND)(closed_form_solver)(np.array(["1.0", "x"]), 0.5)
@@ -391,17 +331,14 @@ def test_bug_numpy_text_and_huge_ints_are_rejected():
         bbd.implicit(COND)(closed_form_solver)(10**400, 0.5)
 
 
-@_xfail("meta")
 def test_bug_meta_tensors_are_rejected():
     _strict(_case(_arg(meta=True)))
 
 
-@_xfail("empty batch")
 def test_bug_empty_batch_raises_input_error():
     _strict(_case(_arg(shape=(2,), batched=True), batch=0))
 
 
-@_xfail("empty instance")
 def test_bug_instances_with_no_unknowns_return_an_empty_result():
     w = torch.zeros(0, requires_grad=True)
     out = bbd.implicit(COND)(closed_form_solver)(w, torch.tensor(0.5))

@@ -56,7 +56,30 @@ def test_escalation_path_is_krylov_then_dense_then_least_squares(solver):
     assert methods[-1] == "lstsq" and methods[-2] == "dense"
     if solver != "dense":
         assert methods[0] == solver
+    if solver in ("bicgstab", "minres"):  # a specialised Krylov method tries GMRES before densifying
+        assert methods[1] == "gmres"
     torch.testing.assert_close(u, torch.tensor([[1.0, 0.0], [2.0, 0.0]]), atol=1e-10, rtol=0)
+
+
+def test_a_diverging_neumann_series_escalates_to_gmres_not_to_a_dense_matrix():
+    # T(z) = 2 z - w + 0.1 sin(z): the fixed point is not attracting (|T'| > 1), so the Neumann series for
+    # (I - dT/dz)^T u = g diverges. GMRES solves it matrix-free; dz/dw = 1 / (1 + 0.1 cos z).
+    cond = bbd.FixedPoint(lambda z, w: 2 * z - w + 0.1 * torch.sin(z))
+    w = torch.tensor([0.3, -1.2, 2.0])
+    z_star = torch.tensor(scipy.optimize.fsolve(lambda z: z - (2 * z - w.numpy() + 0.1 * np.sin(z)), w.numpy(),
+                                                xtol=1e-14))
+    fn = bbd.implicit(cond, linear_solver="neumann", dense_max_size=0)(lambda w: z_star.numpy())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # GMRES converges: no least-squares warning
+        _, (gw,) = _grad(fn, w)
+    torch.testing.assert_close(gw, 1 / (1 + 0.1 * torch.cos(z_star)), rtol=1e-8, atol=0)
+
+
+def test_a_stalled_krylov_solve_above_the_densify_cap_raises_instead_of_materialising():
+    J = torch.tensor([[1.0, 0.0], [0.0, 0.0]])  # singular: no Krylov method converges for g = [1, 1]
+    opts = bbd.ImplicitOptions(linear_solver="gmres", dense_max_size=0)
+    with pytest.raises(bbd.LinearSolveError, match=re.escape("not materialised as a dense fallback")):
+        solve_adjoint(lambda v: v @ J, torch.tensor([[1.0, 1.0]]), structure="general", options=opts)
 
 
 def test_near_singular_but_regular_system_is_solved_exactly_without_warning():

@@ -351,3 +351,20 @@ def test_meta_every_hook_has_a_test_and_a_documented_signature():
         assert f"### `{signature}`" in docs, f"docs/plugins.md lacks a section headed ### `{signature}`"
         assert any(t.startswith(f"test_hook_{name}") for t in tests), f"no test_hook_{name}* test"
         assert f"Signature: ``{signature}``" in inspect.getdoc(getattr(_hookspecs, name))
+
+
+def test_a_third_party_backend_names_its_own_install_command():
+    class Needy(bbd.AbstractBackend):
+        name = "needy"
+        requires = ("no_such_solver_module_xyz",)
+        install_hint = "pip install needy-solver"
+
+        def accepts(self, problem):
+            return False
+
+        def compile(self, problem, parameters, variables, options):
+            raise AssertionError("never compiled")
+
+    assert not Needy().available()
+    with pytest.raises(bbd.BackendUnavailableError, match=re.escape("Install it with: pip install needy-solver")):
+        Needy().require()

@@ -131,8 +131,8 @@ def test_dask_process_worker_that_dies_fails_only_its_instance():
 
 
 # --- process pools -----------------------------------------------------------------------------------
-# Today: the pool's BrokenProcessPool, wrapped. With the recovery proposed in /work/notes/chunking.md: a
-# SolverError saying the worker died on this instance.
+# A dead worker breaks the whole pool; run_instances re-runs the lost instances in fresh pools, so the
+# instance that killed its worker gets a SolverError saying so and the others their answers.
 DIED = "|".join(map(re.escape, ["raised BrokenProcessPool", "The worker process running the black box died"]))
 
 
@@ -155,25 +155,18 @@ def test_process_pool_worker_death_is_a_solver_error_not_a_hang():
 
 def test_process_pool_worker_death_under_nan_policy():
     # Worker A answers w=4 at once, worker B dies on w=-1 at 0.3 s while A is busy with w=9 (1 s).
-    # A dead worker breaks the whole pool: the instance that killed it is NaN, the one still running (w=9)
-    # is NaN too today (see the xfail below); what finished is exact.
+    # A dead worker breaks the whole pool: the instance that killed it is NaN; the one still running (w=9)
+    # is lost with the pool and re-run in a fresh one; what finished is exact.
     w = torch.tensor([4.0, -1.0, 9.0])
     fn = bbd.implicit(SQRT, in_dims=0, executor="processes", max_workers=2, on_failure="nan")(die_late_or_sleep)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         z = fn(w)
     assert z[0].item() == 2.0 and torch.isnan(z[1])
-    assert torch.isnan(z[2]) or z[2].item() == 3.0
+    assert z[2].item() == 3.0
     assert sum(bool(re.search(DIED, str(c.message))) for c in caught) == int(torch.isnan(z).sum())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="A worker that dies breaks a ProcessPoolExecutor: every unfinished future gets BrokenProcessPool, "
-    "so healthy instances fail with the one that killed the worker. Fix in _batching.py::run_instances: re-run "
-    "the instances whose future raised BrokenProcessPool in a fresh pool, one instance per single-worker pool "
-    "once a retry round breaks again (proposed code in /work/notes/chunking.md).",
-)
 def test_process_pool_worker_death_fails_only_its_instance():
     w = torch.tensor([4.0, -1.0, 9.0])
     fn = bbd.implicit(SQRT, in_dims=0, executor="processes", max_workers=2, on_failure="nan")(die_late_or_sleep)
@@ -247,3 +240,43 @@ def test_one_kkt_layer_called_from_eight_threads_equals_serial_calls():
     for s, t in zip(serial, threaded, strict=True):
         for a, b_ in zip(s, t, strict=True):
             torch.testing.assert_close(a, b_, atol=0, rtol=0)
+
+
+# --- chunking ----------------------------------------------------------------------------------------
+class CountingExecutor(concurrent.futures.Executor):
+    """A foreign executor (not a thread pool, so chunking applies) that counts tasks and can lose the first."""
+
+    def __init__(self, lose_first: bool = False):
+        self.inner = concurrent.futures.ThreadPoolExecutor(2)
+        self._max_workers = 2
+        self.submits = 0
+        self.lose_first = lose_first
+
+    def submit(self, fn, /, *args, **kwargs):
+        self.submits += 1
+        if self.lose_first and self.submits == 1:
+            fut = concurrent.futures.Future()
+            fut.set_exception(ConnectionResetError("the worker holding this task went away"))
+            return fut
+        return self.inner.submit(fn, *args, **kwargs)
+
+    def shutdown(self, wait=True, **kwargs):
+        self.inner.shutdown(wait)
+
+
+def test_instances_go_to_a_foreign_executor_in_chunks_in_batch_order():
+    w = torch.linspace(0.5, 8.0, 40)
+    ex = CountingExecutor()
+    z = bbd.implicit(SQRT, in_dims=0, executor=ex)(jittery_sqrt)(w)
+    torch.testing.assert_close(z, torch.sqrt(w), atol=1e-15, rtol=0)
+    assert ex.submits == 8  # ceil(40 / (4 tasks x 2 workers)) = 5 instances per task
+    ex.shutdown()
+
+
+def test_a_lost_chunk_is_rerun_one_instance_per_task():
+    w = torch.linspace(0.5, 8.0, 40)
+    ex = CountingExecutor(lose_first=True)
+    z = bbd.implicit(SQRT, in_dims=0, executor=ex)(np.sqrt)(w)
+    torch.testing.assert_close(z, torch.sqrt(w), atol=1e-15, rtol=0)
+    assert ex.submits == 8 + 5  # the lost chunk's five instances, resubmitted one by one
+    ex.shutdown()
