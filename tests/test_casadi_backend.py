@@ -7,15 +7,13 @@ import re
 import sys
 from pathlib import Path
 
+import casadi as ca
 import numpy as np
 import pytest
 import torch
+from blackbox_diff_casadi import CasadiBackend
 
 import blackbox_diff as bbd
-
-ca = pytest.importorskip("casadi")
-
-from blackbox_diff_casadi import CasadiBackend  # noqa: E402
 
 TIGHT = {"ipopt.tol": 1e-12, "ipopt.acceptable_tol": 1e-12}
 

@@ -11,13 +11,12 @@ import sys
 import warnings
 from pathlib import Path
 
+import cvxpy as cp
 import numpy as np
 import pytest
 import torch
 
 import blackbox_diff as bbd
-
-cp = pytest.importorskip("cvxpy")
 
 # cvxpylayers 1.2 (the reference) trips numpy 2's __array__ deprecation inside its diffcp interface.
 pytestmark = pytest.mark.filterwarnings(

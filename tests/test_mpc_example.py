@@ -8,9 +8,6 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("casadi")
-pytest.importorskip("matplotlib")
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 
 import mpc_imitation  # noqa: E402
