@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from blackbox_diff import saved_tensor_bytes
 from blackbox_diff.deq import DEQ
 
 
@@ -30,18 +31,6 @@ class TanhLayer(torch.nn.Module):
 
     def forward(self, z, x):
         return torch.tanh(z @ self.W.T + x)
-
-
-def saved_bytes(fn) -> int:
-    total = [0]
-
-    def pack(t):
-        total[0] += t.numel() * t.element_size()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return total[0]
 
 
 def dense_grad(f: TanhLayer, x: torch.Tensor, z: torch.Tensor, n: int) -> torch.Tensor:
@@ -65,7 +54,7 @@ def measure(fn, x, repeat):
         t1 = time.perf_counter()
         (g,) = torch.autograd.grad(z.sum(), xs)
         best_f, best_b = min(best_f, t1 - t0), min(best_b, time.perf_counter() - t1)
-    mem = saved_bytes(lambda: fn(x.clone().requires_grad_(True)))
+    mem = saved_tensor_bytes(lambda: fn(x.clone().requires_grad_(True)))
     return best_f, best_b, mem, g, z.detach()
 
 

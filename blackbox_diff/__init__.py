@@ -6,7 +6,7 @@ z*; the implicit function theorem turns dL/dz* into dL/dparams with one adjoint 
 
 from blackbox_diff import deq, linalg, ode
 from blackbox_diff._backend import AbstractBackend, Compiled
-from blackbox_diff._checks import GradientReport, check_gradients
+from blackbox_diff._checks import GradientReport, check_gradients, saved_tensor_bytes
 from blackbox_diff._conditions import KKT, AbstractCondition, Argmin, FixedPoint, KKTSolution, Root
 from blackbox_diff._errors import (
     BackendUnavailableError,
@@ -60,5 +60,6 @@ __all__ = [
     "ode",
     "odeint",
     "plugin_manager",
+    "saved_tensor_bytes",
     "solve_ivp_layer",
 ]

@@ -10,7 +10,7 @@ import torch
 
 from blackbox_diff._errors import InputError
 
-__all__ = ["GradientReport", "check_gradients"]
+__all__ = ["GradientReport", "check_gradients", "saved_tensor_bytes"]
 
 
 @dataclasses.dataclass
@@ -113,3 +113,21 @@ def check_gradients(
         abs_err.append(diff)
         rel_err.append(diff / max(1.0, float(fd.abs().max()) if fd.numel() else 0.0))
     return GradientReport(implicit, fds, abs_err, rel_err, step, rtol)
+
+
+def saved_tensor_bytes(fn: Callable[[], Any]) -> int:
+    """Bytes of the tensors autograd saves for the backward while `fn()` runs.
+
+    The memory an implicit layer keeps for its backward should not grow with the solver's iteration
+    count; this measures it (e.g. ``saved_tensor_bytes(lambda: layer(x))`` with few and many iterations).
+    """
+    total = 0
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return total

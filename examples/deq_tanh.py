@@ -20,6 +20,7 @@ import time
 
 import torch
 
+from blackbox_diff import saved_tensor_bytes
 from blackbox_diff.deq import DEQ, anderson, fixed_point_iteration
 
 
@@ -33,18 +34,6 @@ class TanhLayer(torch.nn.Module):
 
     def forward(self, z, x):  # noqa: D102
         return torch.tanh(self.W(z) + x)
-
-
-def saved_bytes(fn) -> int:
-    total = [0]
-
-    def pack(t):
-        total[0] += t.numel() * t.element_size()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return total[0]
 
 
 def part1(d: int, batch: int) -> None:
@@ -89,7 +78,7 @@ def part1(d: int, batch: int) -> None:
                      (f"unrolled {k} iterations", lambda xs: unrolled(xs, k)),
                      (f"unrolled {2 * k} iterations", lambda xs: unrolled(xs, 2 * k))]:
         fwd, bwd = timed(fn)
-        mb = saved_bytes(lambda fn=fn: fn(x.clone().requires_grad_(True))) / 2**20
+        mb = saved_tensor_bytes(lambda fn=fn: fn(x.clone().requires_grad_(True))) / 2**20
         print(f"  {name:24s} {1e3 * fwd:8.1f} {1e3 * bwd:8.1f} {bwd / fwd:8.2f} {mb:9.2f}")
 
 

@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-from blackbox_diff import CertificationError, InputError, SolverError
+from blackbox_diff import CertificationError, InputError, SolverError, saved_tensor_bytes
 from blackbox_diff.deq import DEQ, FixedPointResult, anderson, fixed_point_iteration, fixed_point_layer
 
 
@@ -109,25 +109,13 @@ def test_gradcheck_small_deq():
     assert torch.autograd.gradcheck(lambda x: fixed_point_layer(f, x, tol=1e-13, max_iter=500), (x,), atol=1e-6)
 
 
-def _saved_bytes(fn):
-    total = [0]
-
-    def pack(t):
-        total[0] += t.numel() * t.element_size()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return total[0]
-
-
 def test_memory_is_independent_of_the_number_of_iterations():
     f = TanhLayer(50, 0.7)
     x = torch.randn(8, 50, generator=torch.Generator().manual_seed(7), requires_grad=True)
     few = DEQ(f, solver="iteration", tol=1e-4)
     many = DEQ(f, solver="iteration", tol=1e-12, max_iter=500)
-    b_few = _saved_bytes(lambda: few(x))
-    b_many = _saved_bytes(lambda: many(x))
+    b_few = saved_tensor_bytes(lambda: few(x))
+    b_many = saved_tensor_bytes(lambda: many(x))
     assert many.last.iterations > 2 * few.last.iterations
     assert b_few == b_many > 0
 

@@ -11,7 +11,7 @@ import pytest
 import scipy.integrate
 import torch
 
-from blackbox_diff import InputError, SolverError
+from blackbox_diff import InputError, SolverError, saved_tensor_bytes
 from blackbox_diff.ode import METHODS, newton, odeint, solve_ivp_layer
 
 ORDERS = sorted(METHODS.items())
@@ -151,23 +151,11 @@ def test_gradcheck_backward_euler():
     assert torch.autograd.gradcheck(fn, (y0, mu), eps=1e-6, atol=1e-6)
 
 
-def _saved_bytes(fn):
-    total = [0]
-
-    def pack(t):
-        total[0] += t.numel() * t.element_size()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return total[0]
-
-
 def test_memory_does_not_depend_on_newton_iterations():
     y0 = torch.tensor([[1.0, 0.5]], requires_grad=True)
     mu = torch.tensor(0.9)
-    loose = _saved_bytes(lambda: odeint(vdp, y0, [0.0, 1.0], mu, method="radau5", substeps=4, newton_tol=1e-4))
-    tight = _saved_bytes(lambda: odeint(vdp, y0, [0.0, 1.0], mu, method="radau5", substeps=4, newton_tol=1e-13))
+    loose = saved_tensor_bytes(lambda: odeint(vdp, y0, [0.0, 1.0], mu, method="radau5", substeps=4, newton_tol=1e-4))
+    tight = saved_tensor_bytes(lambda: odeint(vdp, y0, [0.0, 1.0], mu, method="radau5", substeps=4, newton_tol=1e-13))
     assert loose == tight > 0
 
 
