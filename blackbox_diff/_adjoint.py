@@ -15,6 +15,7 @@ import torch
 
 from blackbox_diff import linalg
 from blackbox_diff._errors import LinearSolveError
+from blackbox_diff.linalg._result import make_solution
 
 __all__ = ["choose_solver", "solve_adjoint"]
 
@@ -28,7 +29,7 @@ _KRYLOV = {
 # A Krylov solve that stalls escalates to a dense solve only up to this multiple of dense_max_size:
 # beyond it, materialising J (n VJPs, n^2 memory per instance) would cost more than the user asked for.
 DENSIFY_FACTOR = 4
-_BY_STRUCTURE = {"spd": "cg", "symmetric": "minres", "fixed_point": "neumann", "general": "gmres"}
+_BY_STRUCTURE = {"spd": "cg", "symmetric": "minres", "fixed_point": "neumann", "general": "gmres", "identity": "gmres"}
 
 
 def choose_solver(requested: str, structure: str, n: int, dense_max_size: int) -> str:
@@ -40,6 +41,8 @@ def choose_solver(requested: str, structure: str, n: int, dense_max_size: int) -
     """
     if requested != "auto":
         return requested
+    if structure == "identity":
+        return "identity"
     if structure in ("spd", "fixed_point"):
         return _BY_STRUCTURE[structure]
     return "dense" if n <= dense_max_size else _BY_STRUCTURE[structure]
@@ -85,7 +88,14 @@ def solve_adjoint(
     op = (lambda v: matvec(v) + ridge * v) if ridge else matvec
     method = choose_solver(options.linear_solver, structure, n, options.dense_max_size)
     history: list[linalg.LinearSolution] = []
-    if method in _KRYLOV:
+    if method == "identity":
+        # The condition is preconditioned so that dF/dz = I at the answer: u = g, verified with one VJP.
+        sol = make_solution(
+            "identity", g, g - op(g), options.rtol * torch.linalg.vector_norm(g, dim=-1),
+            torch.ones(B, dtype=torch.int64, device=g.device), torch.zeros(B, dtype=torch.bool, device=g.device),
+        )
+        A = None
+    elif method in _KRYLOV:
         sol = _KRYLOV[method](op, g, rtol=options.rtol, max_steps=options.max_steps)
         A = None
     else:
@@ -101,7 +111,7 @@ def solve_adjoint(
             f"Expected a converged solve with rtol={options.rtol:g}. Allow escalation (fallback=True), pick "
             "linear_solver='dense', raise max_steps, or add ridge= if the system is singular."
         )
-    if method in _KRYLOV and method != "gmres":
+    if A is None and method != "gmres":
         # Neumann diverges on a non-contractive map, CG/MINRES on a system that is not SPD/symmetric:
         # GMRES assumes nothing and still never forms the matrix.
         sol = linalg.gmres(op, g, rtol=options.rtol, max_steps=options.max_steps)

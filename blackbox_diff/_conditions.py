@@ -18,7 +18,7 @@ from blackbox_diff._errors import InputError
 
 __all__ = ["AbstractCondition", "Argmin", "FixedPoint", "KKT", "KKTSolution", "Root", "Structure"]
 
-Structure = Literal["general", "symmetric", "spd", "fixed_point"]
+Structure = Literal["general", "symmetric", "spd", "fixed_point", "identity"]
 
 
 class AbstractCondition(abc.ABC):
@@ -72,16 +72,19 @@ class Root(AbstractCondition):
     Args:
         F: the residual, per instance.
         structure: what is known of dF/dz: "general" (default), "symmetric" (e.g. F is a gradient or a
-            KKT system: MINRES), or "spd" (F is the gradient of a strictly convex function: CG).
+            KKT system: MINRES), "spd" (F is the gradient of a strictly convex function: CG), or
+            "identity" (F is preconditioned, e.g. J(z*)^{-1} G(z, params) with J factored at the answer,
+            so dF/dz = I there: the adjoint is g itself, checked with one VJP, escalating if it is not).
     """
 
     structure = "general"
 
     def __init__(self, F: Callable[..., torch.Tensor], structure: Structure = "general") -> None:
         _check_callable(F, "F", "Root")
-        if structure not in ("general", "symmetric", "spd", "fixed_point"):
+        if structure not in ("general", "symmetric", "spd", "fixed_point", "identity"):
             raise InputError(
-                f"Root(structure=...) must be 'general', 'symmetric', 'spd' or 'fixed_point'; got {structure!r}."
+                "Root(structure=...) must be 'general', 'symmetric', 'spd', 'fixed_point' or 'identity'; "
+                f"got {structure!r}."
             )
         self.F = F
         self.structure = structure

@@ -294,3 +294,14 @@ def test_certification_threshold_is_relative_to_the_answer_scale():
     assert bbd.implicit(cond)(lambda w: np.sqrt(w) * (1 + 1e-13))(w).item() == pytest.approx(1000.0)
     with pytest.raises(bbd.CertificationError, match=re.escape("residual_tol*(1+max|z|) = 0.001")):
         bbd.implicit(cond)(lambda w: np.sqrt(w) + 5e-4)(w)
+
+
+def test_identity_structure_is_checked_by_one_vjp_and_escalates_when_it_does_not_hold():
+    g = torch.tensor([[1.0, 2.0], [-3.0, 0.5]])
+    opts = bbd.ImplicitOptions()
+    u, history = solve_adjoint(lambda v: v, g, structure="identity", options=opts)
+    assert [h.method for h in history] == ["identity"] and torch.equal(u, g)
+    J = torch.tensor([[2.0, 1.0], [0.0, 3.0]])  # a preconditioner that is off: dF/dz != I
+    u, history = solve_adjoint(lambda v: v @ J, g, structure="identity", options=opts)
+    assert [h.method for h in history] == ["identity", "gmres"]
+    torch.testing.assert_close(u @ J, g, atol=1e-10, rtol=0)

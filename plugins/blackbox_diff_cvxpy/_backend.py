@@ -163,8 +163,6 @@ class CvxpyBackend(AbstractBackend):
             parameter_shapes=[tuple(p.shape) for p in parameters],
             variable_shapes=[tuple(v.shape) for v in variables],
             outputs=outputs,
-            # The preconditioned residual has an identity z-Jacobian: GMRES converges in one step.
-            options={"linear_solver": "gmres"} if condition.precondition else {},
             backend=self.name,
         )
 

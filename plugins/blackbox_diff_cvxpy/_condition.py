@@ -161,6 +161,8 @@ class ConeCondition(AbstractCondition):
         # A dense LU per instance costs (n + m)^2 memory: beyond dense_max the engine's Krylov solver runs.
         self.dense = program.n + program.m <= dense_max
         self.precondition = precondition and self.dense
+        # Preconditioned: dF/dz = I at a factored answer, so the engine's adjoint is g, checked by one VJP.
+        self.structure = "identity" if self.precondition else "general"
         self.refine = refine
         # Non-DPP problems: the data (P, c, A, b) come per instance as aux tensors, linearised in theta.
         self.linearization = linearization
