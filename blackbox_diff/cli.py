@@ -7,6 +7,7 @@ import ast
 import runpy
 import sys
 import time
+import traceback
 from pathlib import Path
 
 __all__ = ["main"]
@@ -36,6 +37,10 @@ def _run_script(path: Path, argv: list[str]) -> int:
         runpy.run_path(str(path), run_name="__main__")
     except SystemExit as stop:
         return int(stop.code or 0) if not isinstance(stop.code, str) else 1
+    except Exception:  # noqa: BLE001 - one failing script must not stop the others: report it, go on
+        traceback.print_exc()
+        print(f"!! {path.stem} failed (traceback above)", file=sys.stderr)
+        return 1
     finally:
         sys.argv = old
     return 0
