@@ -20,8 +20,9 @@ input; without ``{output}`` the solution is read from its standard output.
 Safety: an argument list (never a shell), a fresh private directory (mode 0700, removed afterwards
 whatever happens) as working directory, an explicit environment (``PATH`` and ``LANG=C`` plus what you
 pass in ``env``), a timeout that kills the whole process group, standard output and error captured with a
-size cap, no pickle. Every failure (exit status, signal, timeout, missing or malformed output, wrong shape,
-NaN) raises `SolverError` with the exit code, the signal's name and the tail of standard error.
+size cap, no pickle; children the program leaves behind are killed when it exits. Every failure (exit
+status, signal, timeout, missing or malformed output, wrong shape, NaN) raises `SolverError` with the exit
+code, the signal's name and the tail of standard error.
 """
 
 from __future__ import annotations
@@ -176,7 +177,7 @@ class Executable:
             raw = stdout
         try:
             solution = self._parse(raw, out_path)
-        except (ValueError, TypeError, KeyError, OSError) as err:
+        except Exception as err:  # noqa: BLE001 - any parse failure (EOF, bad zip, recursion) is malformed output
             self._fail(f"wrote malformed {self.io} output ({type(err).__name__}: {err}; starts with "
                        f"{raw[:60]!r})", code, tail)
         return self._check(solution, code, tail)
@@ -208,6 +209,9 @@ class Executable:
         timed_out = False
         try:
             proc.wait(timeout=self.timeout)
+            # Children the program left behind (forked helpers, daemons) would outlive the run and hold
+            # its output pipes open: they die with it.
+            _kill_group(proc)
         except subprocess.TimeoutExpired:
             timed_out = True
             _kill_group(proc)
