@@ -277,3 +277,16 @@ def test_cuda_parameters_keep_their_device():
     assert x.device == w.device
     x.sum().backward()
     np.testing.assert_allclose(w.grad.cpu().numpy(), [[1.0, 0.0], [1.0, 0.0]], atol=1e-12)
+
+
+def test_layers_run_under_no_grad_and_pass_check_gradients():
+    # scipy is fed autograd gradients of f: they must be available inside a caller's torch.no_grad().
+    layer = bbd.layer(bbd.Argmin(lambda x, t: ((x - t) ** 2).sum() + 0.1 * (x**4).sum()), backend="scipy",
+                      x0=np.zeros(2))
+    t = torch.tensor([0.5, -1.0])
+    with torch.no_grad():
+        x = layer(t)
+    assert not x.requires_grad
+    torch.testing.assert_close(x, layer(t).detach(), atol=1e-8, rtol=0)
+    report = bbd.check_gradients(layer, t)
+    assert report.ok, report

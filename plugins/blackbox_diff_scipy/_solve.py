@@ -106,7 +106,10 @@ class ScipySolve:
         tp = tuple(torch.as_tensor(np.asarray(p, dtype=np.float64)) for p in params)
         x0 = self._start(params)
         solver = {"Argmin": self._argmin, "KKT": self._kkt, "Root": self._root, "FixedPoint": self._fixed_point}
-        result = solver[self.kind](x0, tp)
+        # scipy is fed gradients from torch autograd: they are needed even when the caller is under
+        # torch.no_grad() (inference, bbd.check_gradients' finite differences).
+        with torch.enable_grad():
+            result = solver[self.kind](x0, tp)
         if self.opts.warm_start:
             x = result.x if isinstance(result, KKTSolution) else result
             self._last = np.array(x, dtype=np.float64)
