@@ -186,7 +186,8 @@ def solve_ivp_layer(
         t: output times, 1-D and strictly increasing; t[0] is the initial time.
         *params: tensors the vector field depends on; they receive gradients.
         method: any solve_ivp method ('RK45', 'DOP853', 'Radau', 'BDF', 'LSODA').
-        rtol, atol: integrator tolerances (also those of the sensitivity/adjoint equations).
+        rtol: relative tolerance of the integrator (also that of the sensitivity/adjoint equations).
+        atol: absolute tolerance, likewise.
         sensitivity: 'forward' (sensitivity equations) or 'adjoint' (adjoint equations backward in time).
 
     Returns:

@@ -73,6 +73,8 @@ def _pick(folder: Path, name: str | None, defaults: tuple[str, ...], kind: str) 
     scripts = _scripts(folder) if folder.is_dir() else {}
     if name is None:
         name = next((d for d in defaults if d in scripts), None)
+    elif name not in scripts and f"bench_{name}" in scripts:  # `bench qp` for benchmarks/bench_qp.py
+        name = f"bench_{name}"
     if name is None or name not in scripts:
         known = ", ".join(scripts) or "none found"
         print(f"Unknown {kind} {name!r}. Available {kind}s: {known}.", file=sys.stderr)
@@ -104,11 +106,11 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         path = _pick(folder, name, (), "benchmark")
         if path is None:
             return 2
-        print(f"\n== benchmark {name}")
+        print(f"\n== benchmark {path.stem}")
         start = time.perf_counter()
         argv = ["--fast"] if args.fast else []
         if args.json:
-            argv += ["--json", str(Path(args.json) / f"{name}.json")]
+            argv += ["--json", str(Path(args.json) / f"{path.stem}.json")]
         status |= _run_script(path, argv + args.rest)
         print(f"   ({time.perf_counter() - start:.1f} s)")
     return status
@@ -128,18 +130,20 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("name", nargs="?", help="example name (see --list)")
     demo.add_argument("--list", action="store_true", help="list the examples")
     demo.add_argument("--full", action="store_true", help="full setting instead of --fast")
-    demo.add_argument("rest", nargs=argparse.REMAINDER, help="extra arguments for the example")
     demo.set_defaults(func=_cmd_demo)
     bench = sub.add_parser("bench", help="run the benchmark suite side by side with the anchor libraries")
     bench.add_argument("name", nargs="?", help="one benchmark (default: all)")
     bench.add_argument("--fast", action="store_true", help="small sizes, few repeats")
     bench.add_argument("--json", metavar="DIR", help="also write each benchmark's table as JSON into DIR")
-    bench.add_argument("rest", nargs=argparse.REMAINDER, help="extra arguments for the benchmark")
     bench.set_defaults(func=_cmd_bench)
     replay = sub.add_parser("replay", help="re-run the failing black-box calls recorded by capture_failures=")
     replay.add_argument("rest", nargs=argparse.REMAINDER, help="FILE [--index N]")
     replay.set_defaults(func=_cmd_replay)
-    args = parser.parse_args(argv)
+    # Options a command does not know (e.g. `demo neural_ode --epochs 3`) go to the script it runs.
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command not in ("demo", "bench"):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.rest = args.rest if args.command == "replay" else extra
     return args.func(args)
 
 
