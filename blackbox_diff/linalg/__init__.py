@@ -2,21 +2,21 @@
 
 Every solver takes a batch of ``B`` independent systems ``A_i x_i = b_i`` of size ``n`` (right-hand
 sides ``b`` of shape ``(B, n)``; iterative solvers see ``A`` only through ``matvec``, mapping ``(B, n)``
-to ``(B, n)`` with row ``i`` equal to ``A_i @ v_i``) and returns a :class:`LinearSolution` with
+to ``(B, n)`` with row ``i`` equal to ``A_i @ v_i``) and returns a `LinearSolution` with
 per-instance convergence, iteration counts, true residual norms and breakdown flags. The solvers never
 raise because an instance failed; choosing a solver, escalating and regularising is the caller's policy.
 
 | solver | for | iteration |
 |---|---|---|
-| :func:`cg` | symmetric positive definite | conjugate gradients |
-| :func:`minres` | symmetric, possibly indefinite | Lanczos + Givens (Paige-Saunders) |
-| :func:`gmres` | general | restarted Arnoldi + Givens |
-| :func:`bicgstab` | general | BiCG + local residual minimisation |
-| :func:`neumann` | ``I - A`` contractive | Richardson / Neumann series |
-| :func:`dense_solve` | small, square | LU with partial pivoting |
-| :func:`lstsq_solve` | rank-deficient, rectangular | SVD pseudo-inverse (minimum norm) |
+| `cg` | symmetric positive definite | conjugate gradients |
+| `minres` | symmetric, possibly indefinite | Lanczos + Givens (Paige-Saunders) |
+| `gmres` | general | restarted Arnoldi + Givens |
+| `bicgstab` | general | BiCG + local residual minimisation |
+| `neumann` | ``I - A`` contractive | Richardson / Neumann series |
+| `dense_solve` | small, square | LU with partial pivoting |
+| `lstsq_solve` | rank-deficient, rectangular | SVD pseudo-inverse (minimum norm) |
 
-:func:`materialize` turns a ``matvec`` into dense matrices for the two direct solvers.
+`materialize` turns a ``matvec`` into dense matrices for the two direct solvers.
 """
 
 from ._bicgstab import bicgstab

@@ -42,7 +42,7 @@ def bicgstab(
             at the half step); ``None`` means ``10 * n``.
 
     Returns:
-        A :class:`LinearSolution`; ``iterations`` counts iterations (not operator applications);
+        A `LinearSolution`; ``iterations`` counts iterations (not operator applications);
         ``converged`` and ``residual_norm`` come from the true residual recomputed once at the end.
 
     Raises:

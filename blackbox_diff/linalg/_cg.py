@@ -42,7 +42,7 @@ def cg(
         max_steps: iteration cap (one operator application each), ``>= 1``; ``None`` means ``10 * n``.
 
     Returns:
-        A :class:`LinearSolution` whose ``converged`` and ``residual_norm`` come from the true residual
+        A `LinearSolution` whose ``converged`` and ``residual_norm`` come from the true residual
         ``b - A x`` recomputed once at the end (one extra application, not counted in ``iterations``;
         neither is the initial residual when ``x0`` is given).
 

@@ -39,7 +39,7 @@ def dense_solve(
         atol: absolute tolerance, ``>= 0``.
 
     Returns:
-        A :class:`LinearSolution` (``method="dense"``, ``iterations`` all 0) whose ``residual_norm`` is
+        A `LinearSolution` (``method="dense"``, ``iterations`` all 0) whose ``residual_norm`` is
         the true residual of the returned ``x``.
 
     Raises:
@@ -83,7 +83,7 @@ def lstsq_solve(
         atol: absolute tolerance, ``>= 0``.
 
     Returns:
-        A :class:`LinearSolution` (``method="lstsq"``, ``iterations`` all 0), ``x`` of shape ``(B, n)``.
+        A `LinearSolution` (``method="lstsq"``, ``iterations`` all 0), ``x`` of shape ``(B, n)``.
 
     Raises:
         ValueError: ``A`` or ``b`` has the wrong type, shape, dtype or device, or a tolerance is invalid.

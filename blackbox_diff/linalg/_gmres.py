@@ -51,7 +51,7 @@ def gmres(
             ``n`` are clipped to ``n``. Memory is ``O(B m n)``.
 
     Returns:
-        A :class:`LinearSolution`; ``iterations`` counts Arnoldi operator applications (the one residual
+        A `LinearSolution`; ``iterations`` counts Arnoldi operator applications (the one residual
         application per restart is not counted); ``converged`` and ``residual_norm`` come from the true
         residual of the returned ``x``.
 

@@ -43,7 +43,7 @@ def minres(
         max_steps: iteration cap (one operator application each), ``>= 1``; ``None`` means ``10 * n``.
 
     Returns:
-        A :class:`LinearSolution`; ``converged`` and ``residual_norm`` come from the true residual
+        A `LinearSolution`; ``converged`` and ``residual_norm`` come from the true residual
         ``b - A x`` recomputed once at the end (that application and the initial residual with ``x0``
         are not counted in ``iterations``).
 

@@ -48,7 +48,7 @@ def neumann(
             contractions can grow transiently, hence more than one.
 
     Returns:
-        A :class:`LinearSolution`; ``residual_norm`` is the true residual of the returned iterate (no
+        A `LinearSolution`; ``residual_norm`` is the true residual of the returned iterate (no
         extra application is needed: each iteration computes it).
 
     Raises:

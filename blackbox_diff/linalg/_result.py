@@ -1,4 +1,4 @@
-"""The result type shared by every linear solver in :mod:`blackbox_diff.linalg`."""
+"""The result type shared by every linear solver in `blackbox_diff.linalg`."""
 
 from __future__ import annotations
 
@@ -86,7 +86,7 @@ def make_solution(
     iterations: torch.Tensor,
     breakdown: torch.Tensor,
 ) -> LinearSolution:
-    """Build a :class:`LinearSolution` from the true residual ``residual = b - A x`` of the returned ``x``.
+    """Build a `LinearSolution` from the true residual ``residual = b - A x`` of the returned ``x``.
 
     ``converged`` is ``||residual_i|| <= tol_i`` for finite rows; a non-finite ``x`` or residual row is
     never converged and is flagged as a breakdown.
