@@ -242,6 +242,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print("barely active box projections, max |gradient error| vs the closed form: "
           + ", ".join(f"{k} {v:.1e}" for k, v in errors.items()))
     if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"qp": rows, "barely_active": errors}, indent=2))
     return rows
 

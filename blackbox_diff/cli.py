@@ -101,6 +101,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     if not names:
         print(f"No benchmarks found in {folder}.", file=sys.stderr)
         return 2
+    if args.json:
+        Path(args.json).mkdir(parents=True, exist_ok=True)
     status = 0
     for name in names:
         path = _pick(folder, name, (), "benchmark")
