@@ -1,0 +1,96 @@
+"""The `blackbox-diff` command: plugins, demo, bench, replay, as a user runs them."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import blackbox_diff as bbd
+from blackbox_diff import cli
+
+SCRIPT = Path(sys.executable).parent / "blackbox-diff"
+
+
+def test_plugins_lists_the_builtin_backends_as_available(capsys):
+    assert cli.main(["plugins"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split()[:3] == ["name", "package", "available"]
+    rows = {line.split()[0]: line.split() for line in lines[2:]}
+    for name in ("scipy", "subprocess", "cvxpy", "casadi"):
+        assert rows[name][2] == "yes", rows[name]
+
+
+def test_demo_list_shows_every_example_with_its_title(capsys):
+    assert cli.main(["demo", "--list"]) == 0
+    out = capsys.readouterr().out
+    for path in sorted((Path(cli.EXAMPLES)).glob("*.py")):
+        title = path.read_text().split('"""')[1].splitlines()[0]
+        assert f"{path.stem}" in out and title[:40] in out
+
+
+def test_demo_runs_an_example_fast_and_passes_options_through(capsys, tmp_path):
+    out_png = tmp_path / "b.png"
+    assert cli.main(["demo", "brachistochrone", "--out", str(out_png)]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("== blackbox-diff demo brachistochrone --fast")
+    assert out_png.exists() and "fitted R = 0.41372" in text
+
+
+def test_unknown_demo_exits_2_listing_the_available_ones(capsys):
+    assert cli.main(["demo", "no_such_demo"]) == 2
+    err = capsys.readouterr().err
+    assert "Unknown demo 'no_such_demo'" in err and "seed_examples" in err
+
+
+def test_bench_by_short_name_writes_its_json_into_a_new_folder(capsys, tmp_path):
+    folder = tmp_path / "results" / "deep"
+    assert cli.main(["bench", "deq", "--fast", "--json", str(folder)]) == 0
+    rows = json.loads((folder / "bench_deq.json").read_text())
+    assert {r["method"].split(" + ")[0] for r in rows} >= {"iteration", "anderson"}
+    assert all(r["grad_rel_err"] < 1e-6 for r in rows)
+    assert "== benchmark bench_deq" in capsys.readouterr().out
+
+
+def test_a_failing_benchmark_is_reported_and_the_status_is_1(capsys, tmp_path, monkeypatch):
+    (tmp_path / "bench_broken.py").write_text('"""Raises."""\nraise RuntimeError("boom")\n')
+    monkeypatch.setattr(cli, "BENCHMARKS", tmp_path)
+    assert cli.main(["bench", "broken"]) == 1
+    captured = capsys.readouterr()
+    assert "RuntimeError: boom" in captured.err and "!! bench_broken failed" in captured.err
+
+
+def picky_sqrt(w):
+    """A module-level solver (replay imports it by name) that refuses negative input."""
+    if w < 0:
+        raise ValueError(f"no real square root of {float(w)}")
+    return np.sqrt(w)
+
+
+def test_replay_reruns_a_recorded_failure(tmp_path, capsys):
+    log = tmp_path / "failures.jsonl"
+    fn = bbd.implicit(bbd.Root(lambda x, w: x**2 - w), in_dims=0, on_failure="nan",
+                      capture_failures=str(log))(picky_sqrt)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        z = fn(torch.tensor([4.0, -1.0]))
+    assert z[0].item() == 2.0 and torch.isnan(z[1])
+    assert cli.main(["replay", str(log)]) == 0
+    out = capsys.readouterr().out
+    assert "(batch index 1): REPRODUCED" in out and "no real square root of -1.0" in out
+
+
+def test_the_console_script_is_installed():
+    proc = subprocess.run([str(SCRIPT), "plugins"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "casadi" in proc.stdout
+
+
+def test_unknown_options_of_other_commands_are_refused():
+    proc = subprocess.run([str(SCRIPT), "plugins", "--bogus"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "unrecognized arguments: --bogus" in proc.stderr

@@ -1,0 +1,71 @@
+"""The examples not run by another test, in their --fast setting, asserting what they print and save.
+
+(mpc_imitation, neural_ode, deq_tanh, cvxpylayers_switch, legacy_executable and plugin_package are run by
+the tests of their backends: test_mpc_example, test_ode, test_deq, test_cvxpy_backend, test_executable,
+test_plugins.)
+"""
+
+from __future__ import annotations
+
+import ast
+import sys
+from pathlib import Path
+
+import pytest
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+sys.path.insert(0, str(EXAMPLES))
+
+
+def test_every_example_has_a_title_a_fast_mode_and_an_index_entry():
+    index = (EXAMPLES / "README.md").read_text()
+    scripts = sorted(p for p in EXAMPLES.glob("*.py") if not p.name.startswith("_"))
+    assert len(scripts) >= 7
+    for path in scripts:
+        source = path.read_text()
+        doc = ast.get_docstring(ast.parse(source))
+        assert doc and doc.splitlines()[0].strip(), f"{path.name} has no docstring title"
+        assert '"--fast"' in source, f"{path.name} has no --fast mode"
+        assert path.name in index, f"examples/README.md does not index {path.name}"
+    assert "plugin_package" in index
+
+
+def test_brachistochrone_fits_the_closed_form_radius_with_exact_implicit_gradients(tmp_path, capsys):
+    import brachistochrone
+
+    out = tmp_path / "cycloid.png"
+    result = brachistochrone.main(["--fast", "--out", str(out)])
+    assert out.stat().st_size > 10_000
+    for name in ("ode", "cycloid"):
+        r = result[name]
+        assert abs(r["R"] - result["R_true"]) < 1e-7, (name, r["R"], result["R_true"])
+        # the IFT gradient against central differences of the black box itself, float64
+        assert abs(r["grad_at_0.6"] - r["fd_at_0.6"]) <= 1e-6 * abs(r["fd_at_0.6"]), (name, r)
+    # the two black boxes (an ODE integration, a rolling-angle root) give one gradient
+    assert abs(result["ode"]["grad_at_0.6"] - result["cycloid"]["grad_at_0.6"]) < 1e-9
+    text = capsys.readouterr().out
+    assert "closed-form R = 0.4137262947" in text and f"plot: {out}" in text
+
+
+def test_brachistochrone_unreachable_target_is_a_solver_error():
+    import torch
+    from brachistochrone import BLACK_BOXES
+
+    import blackbox_diff as bbd
+
+    R, px = torch.tensor(0.2, dtype=torch.float64), torch.tensor(1.0, dtype=torch.float64)
+    with pytest.raises(bbd.SolverError, match="need R > P_x / pi"):
+        BLACK_BOXES["ode"](R, px)
+
+
+def test_seed_examples_table_matches_the_closed_forms(capsys):
+    import seed_examples
+
+    rows = seed_examples.main(["--fast"])
+    assert len(rows) >= 6
+    for title, got, expected in rows:
+        # 25 plain gradient steps leave x off the minimiser by ~1e-6: the lecture's 0.3927 to 4 digits
+        tol = 1e-5 if "GD steps" in title else 1e-7
+        assert got == pytest.approx(expected, abs=tol), title
+    text = capsys.readouterr().out
+    assert "0.39269" in text  # the lecture's unconstrained sin(x w) example
