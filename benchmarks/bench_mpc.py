@@ -1,6 +1,6 @@
 """Cart-pole MPC (casadi.Opti + IPOPT) as a layer: cost of the sensitivity against re-solving, finite
-differences and CasADi's own nlpsol sensitivity; accuracy against a tight-tolerance finite-difference
-reference, with the control bounds inactive and active.
+differences, CasADi's own nlpsol sensitivity and mpc.pytorch (when installed); accuracy against a
+tight-tolerance finite-difference reference, with the control bounds inactive and active.
 
 Run:  python benchmarks/bench_mpc.py [--fast] [--reps N]
 
@@ -8,6 +8,11 @@ Every time is the minimum over `--reps` repetitions in this one run (the minimum
 2-core machine the scheduler's 4 ms time slices land on random repetitions); compare ratios, not absolute
 numbers across machines. Targets: backward <= 1x a warm re-solve, >= 10x faster than central finite differences,
 gradient within 1e-8 of the reference.
+
+mpc.pytorch (Amos et al. 2018, `pip install --no-deps mpc==0.0.6`; its metadata pins numpy<2, which it does not
+need) solves the same problem by box-constrained iLQR and differentiates the final LQR approximation: the same
+dynamics (the example's RK4 step, written in torch), cost 0.5 tau' C tau with C = 2 diag(w, 0.05) over T+1 steps
+(x_0 is fixed and u_T is 0 at the optimum, so the minimiser is the same), autograd Jacobians.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import argparse
 import json
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +30,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 
 import mpc_imitation as mpc  # noqa: E402
+
+try:
+    from mpc import mpc as mpc_pytorch
+    from mpc import util as _mpc_util
+except ImportError:
+    mpc_pytorch = None
+else:
+    _mpc_util.bdiag = torch.diag_embed  # mpc 0.0.6 predates torch 2.x's removal of the old diag helpers
 
 TIGHT = {"ipopt.tol": 1e-10, "ipopt.acceptable_tol": 1e-10}
 STARTS = {"bounds inactive": [0.05, 0.0, 0.1, 0.0], "bounds active": [0.2, 0.3, 0.4, 0.4]}
@@ -106,6 +120,60 @@ def _casadi_sensitivity(layer, params, T):
     return lambda: np.asarray(jac(p_num).full())
 
 
+class _TorchCartPole(torch.nn.Module):
+    """The example's RK4 cart-pole step on a batch of states (B, 4) and forces (B, 1), in torch."""
+
+    ops = type("ops", (), {"sin": staticmethod(torch.sin), "cos": staticmethod(torch.cos),
+                           "vertcat": staticmethod(lambda *rows: torch.stack(rows))})
+
+    def __init__(self, length: torch.Tensor, dt: float):
+        super().__init__()
+        self.length, self.dt = length, dt
+
+    def forward(self, x, u):
+        return mpc.rk4(x.T, u[:, 0], self.length, self.dt, self.ops).T
+
+
+def _mpc_pytorch_solve(T: int, x0, w, length):
+    """(X (4, T+1), U (1, T)) from mpc.pytorch's iLQR, differentiable by its LQR backward."""
+    n_tau = 5
+    C = torch.diag_embed(2 * torch.cat([w, torch.tensor([mpc.CONTROL_WEIGHT], dtype=w.dtype)]))
+    c = torch.zeros(T + 1, 1, n_tau, dtype=w.dtype)
+    solver = mpc_pytorch.MPC(
+        4, 1, T + 1, u_lower=-mpc.U_MAX, u_upper=mpc.U_MAX, lqr_iter=100, eps=1e-8, n_batch=1,
+        grad_method=mpc_pytorch.GradMethods.AUTO_DIFF, exit_unconverged=False, verbose=-1,
+    )
+    with warnings.catch_warnings():  # its pre-1.0 torch idioms (Variable, .data) warn on every iteration
+        warnings.simplefilter("ignore")
+        X, U, _ = solver(x0[None], mpc_pytorch.QuadCost(C.expand(T + 1, 1, n_tau, n_tau), c),
+                         _TorchCartPole(length, 0.05))
+    return X[:, 0].T, U[:-1, 0].T
+
+
+def _rel_err(g: np.ndarray, ref: np.ndarray) -> float:
+    return float(np.abs(g - ref).max() / max(1.0, np.abs(ref).max()))
+
+
+def _mpc_pytorch_rows(row: dict, T: int, name: str, x0, probe, ref: np.ndarray, U_ref, reps: int) -> None:
+    ps = _params(x0)
+    X, U = _mpc_pytorch_solve(T, *ps)
+    _loss(X, U, probe).backward()
+    g = np.concatenate([p.grad.numpy().reshape(-1) for p in ps])
+    row[f"mpc.pytorch err {name}"] = _rel_err(g, ref)
+    row[f"mpc.pytorch err {name} (x0, w only)"] = _rel_err(g[:8], ref[:8])
+    row[f"mpc.pytorch |u - u*| {name}"] = float((U.detach() - U_ref).abs().max())
+    if name != "bounds active":
+        return
+    row["mpc.pytorch forward"] = _best_ms(lambda: _mpc_pytorch_solve(T, *ps), reps)
+    times = []
+    for _ in range(reps):
+        loss = _loss(*_mpc_pytorch_solve(T, *ps), probe)
+        t = time.perf_counter()
+        loss.backward()
+        times.append(time.perf_counter() - t)
+    row["mpc.pytorch backward"] = 1e3 * float(np.min(times))
+
+
 def bench(T: int, reps: int) -> dict:
     probe = _probe(T)
     warm = mpc.mpc_layer(T, 0.05, warm_start=True)
@@ -140,7 +208,9 @@ def bench(T: int, reps: int) -> dict:
         _loss(X, U, probe).backward()
         ours = np.concatenate([p.grad.numpy().reshape(-1) for p in ps])
         ref = _fd_gradient(_polished(tight), ps, T, probe, 1e-4, 5)
-        row[f"err {name}"] = float(np.abs(ours - ref).max() / max(1.0, np.abs(ref).max()))
+        row[f"err {name}"] = _rel_err(ours, ref)
+        if mpc_pytorch is not None:
+            _mpc_pytorch_rows(row, T, name, x0, probe, ref, U.detach(), max(2, reps // 10))
         row[f"active u ({name})"] = int((U.detach().abs() > mpc.U_MAX - 1e-6).sum())
         if name == "bounds inactive":
             J = _casadi_sensitivity(tight, ps, T)()
@@ -148,7 +218,7 @@ def bench(T: int, reps: int) -> dict:
             n_u = J.shape[0] - n
             dl_dx = np.concatenate([probe[0].T.reshape(-1), probe[1].reshape(-1)[:n_u]])
             theirs = dl_dx @ J
-            row["err casadi sens. (inactive)"] = float(np.abs(theirs - ref).max() / max(1.0, np.abs(ref).max()))
+            row["err casadi sens. (inactive)"] = _rel_err(theirs, ref)
     return row
 
 
@@ -179,6 +249,19 @@ def main(argv: list[str] | None = None) -> list[dict]:
         print(f"T={r['T']:>3}: ours, u bounds inactive {r['err bounds inactive']:.2e}; ours, "
               f"{r['active u (bounds active)']} u bounds active {r['err bounds active']:.2e}; "
               f"CasADi nlpsol sensitivity, bounds inactive {r['err casadi sens. (inactive)']:.2e}")
+    if mpc_pytorch is None:
+        print("\nmpc.pytorch: not installed (pip install --no-deps mpc==0.0.6)")
+    else:
+        print("\nmpc.pytorch (iLQR, LQR-approximation backward), same problem [ms] and errors vs the same reference")
+        for r in rows:
+            fwd, bwd = r["mpc.pytorch forward"], r["mpc.pytorch backward"]
+            err = {k: r[f"mpc.pytorch err bounds {k}"] for k in ("inactive", "active")}
+            err_xw = {k: r[f"mpc.pytorch err bounds {k} (x0, w only)"] for k in ("inactive", "active")}
+            print(f"T={r['T']:>3}: forward {fwd:.1f} ({fwd / r['layer forward']:.0f}x our layer forward), "
+                  f"backward {bwd:.2f} ({bwd / r['backward (ours)']:.1f}x ours); |u - u*| "
+                  f"{r['mpc.pytorch |u - u*| bounds active']:.1e}; gradient error, bounds inactive "
+                  f"{err['inactive']:.2e} (x0, w only {err_xw['inactive']:.2e}), bounds active "
+                  f"{err['active']:.2e} (x0, w only {err_xw['active']:.2e})")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(rows, indent=2))

@@ -1,4 +1,4 @@
-"""Random QPs as layers: blackbox_diff's cvxpy backend against cvxpylayers, side by side in one run.
+"""Random QPs as layers: blackbox_diff's cvxpy backend against cvxpylayers and qpth, side by side in one run.
 
 The problem (as in the OptNet / qpth benchmarks): n variables, n inequalities, n/4 equalities,
 
@@ -10,7 +10,9 @@ forward and backward times (median of repeats, after a warm-up call), their rati
 errors: the directional derivative <dL/dtheta, d> for L = w^T x* and a random direction d, against the
 central difference of L along d computed with cvxpy's own Clarabel solve at a tight tolerance.
 
-qpth does not install on this machine (it needs an old PyTorch build), so it is not compared.
+qpth (OptNet's batched primal-dual interior-point QP layer, `pip install --no-deps qpth==0.0.18`: its
+metadata pins numpy<2, which it does not need) runs its own solver on the same P, q, G, h, A, b at its default
+tolerance (eps 1e-12, at most 20 iterations), batched in torch. Its columns are skipped when it is not installed.
 
 Run:  python benchmarks/bench_qp.py [--fast] [--json out.json] [--sizes 10 50 200] [--batches 1 16 64]
 """
@@ -33,13 +35,17 @@ sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).res
 import blackbox_diff as bbd  # noqa: E402
 
 
+def fixed_hessian(n: int, seed: int = 0) -> np.ndarray:
+    """The QPs' fixed positive definite P."""
+    M = np.random.default_rng(seed).standard_normal((n, n))
+    return M @ M.T / n + 0.1 * np.eye(n)
+
+
 def make_problem(n: int, seed: int = 0):
     """The cvxpy problem, its parameters (q, G, h, A, b) and the variable x."""
     import cvxpy as cp
 
-    rng = np.random.default_rng(seed)
-    M = rng.standard_normal((n, n))
-    P = M @ M.T / n + 0.1 * np.eye(n)
+    P = fixed_hessian(n, seed)
     m, p = n, max(n // 4, 1)
     x = cp.Variable(n)
     q, G, h = cp.Parameter(n), cp.Parameter((m, n)), cp.Parameter(m)
@@ -100,6 +106,23 @@ def _cvxpylayers_call(layer, params):
     return layer(*params, solver_args=args)
 
 
+def _qpth_layer(P: np.ndarray):
+    """qpth's QPFunction with the benchmark's fixed P, or None when qpth is not installed."""
+    try:
+        from qpth.qp import QPFunction
+    except ImportError:
+        return None
+    return QPFunction(verbose=-1), torch.tensor(P)
+
+
+def _qpth_call(layer, params):
+    fn, P = layer
+    q, G, h, A, b = params
+    if q.dim() == 1:  # one instance: qpth wants a batch dimension
+        return (fn(P, q[None], G[None], h[None], A[None], b[None])[0],)
+    return (fn(P, q, G, h, A, b),)
+
+
 def _reference_loss(problem, params, x, values, w) -> float:
     for handle, v in zip(params, values, strict=True):
         handle.value = v.numpy()
@@ -152,10 +175,18 @@ def run_case(n: int, B: int, repeats: int, with_error: bool) -> dict:
     row["backward_over_forward"] = row["bbd_backward_ms"] / row["bbd_forward_ms"]
     row["backward_speedup"] = row["cvxpylayers_backward_ms"] / row["bbd_backward_ms"]
     row["forward_ratio"] = row["bbd_forward_ms"] / row["cvxpylayers_forward_ms"]
+    qpth = _qpth_layer(fixed_hessian(n))
+    if qpth is not None:
+        row["qpth_forward_ms"], row["qpth_backward_ms"] = (
+            1e3 * t / B for t in _forward_backward(qpth, values, repeats, _qpth_call)
+        )
+        row["qpth_backward_speedup"] = row["qpth_backward_ms"] / row["bbd_backward_ms"]
     if with_error:
         single = [v[0] for v in values]
         row["bbd_grad_error"] = gradient_error(ours, _bbd_call, problem, params, x, single)
         row["cvxpylayers_grad_error"] = gradient_error(theirs, _cvxpylayers_call, problem, params, x, single)
+        if qpth is not None:
+            row["qpth_grad_error"] = gradient_error(qpth, _qpth_call, problem, params, x, single)
     return row
 
 
@@ -164,7 +195,7 @@ def barely_active_errors(n: int = 50, B: int = 16, seed: int = 3) -> dict:
 
     x* = min(p, u) has the closed-form Jacobians diag(p < u) and diag(p > u). Rows with |p - u| = 1e-4
     and 1e-6 are nondegenerate, but an interior-point answer has slack and multiplier both ~1e-4 there.
-    Returns the largest absolute gradient error of each layer (Clarabel and SCS inside).
+    Returns the largest absolute gradient error of each layer (Clarabel and SCS inside, and qpth).
     """
     import cvxpy as cp
     from cvxpylayers.torch import CvxpyLayer
@@ -185,6 +216,10 @@ def barely_active_errors(n: int = 50, B: int = 16, seed: int = 3) -> dict:
         "cvxpylayers_scs": (CvxpyLayer(problem, parameters=[p, u], variables=[x]),
                             {"solver_args": {"solve_method": "SCS"}}),
     }
+    qpth = _qpth_layer(np.eye(n))
+    if qpth is not None:  # the same projection: P = I, q = -p, G = I, h = u, no equalities
+        eye, none = torch.eye(n, dtype=torch.float64), torch.empty(0, dtype=torch.float64)
+        layers["qpth"] = (lambda pp, uu: (qpth[0](qpth[1], -pp, eye, uu, none, none),), {})
     for name, (layer, kwargs) in layers.items():
         pp, uu = p_val.clone().requires_grad_(True), u_val.clone().requires_grad_(True)
         (sol,) = layer(pp, uu, **kwargs)
@@ -194,22 +229,34 @@ def barely_active_errors(n: int = 50, B: int = 16, seed: int = 3) -> dict:
 
 
 def _table(rows: list[dict]) -> str:
+    qpth = any("qpth_forward_ms" in r for r in rows)
     head = (f"{'n':>4} {'B':>3} | {'fwd bbd':>9} {'fwd cvxl':>9} {'ratio':>6} | {'bwd bbd':>9} {'bwd cvxl':>9} "
             f"{'speedup':>8} {'bwd/fwd':>8} {'KKT':>8} | {'err bbd':>8} {'err cvxl':>8}")
+    if qpth:
+        head += f" | {'fwd qpth':>9} {'bwd qpth':>9} {'qpth/bbd':>8} {'err qpth':>8}"
     lines = [head, "-" * len(head)]
+
+    def err(r, key):
+        return f"{r[key]:8.1e}" if key in r else f"{'':>8}"
+
     for r in rows:
-        err = (f"{r['bbd_grad_error']:8.1e} {r['cvxpylayers_grad_error']:8.1e}" if "bbd_grad_error" in r
-               else f"{'':>8} {'':>8}")
-        lines.append(
+        line = (
             f"{r['n']:>4} {r['B']:>3} | {r['bbd_forward_ms']:9.3f} {r['cvxpylayers_forward_ms']:9.3f} "
             f"{r['forward_ratio']:6.2f} | {r['bbd_backward_ms']:9.3f} {r['cvxpylayers_backward_ms']:9.3f} "
-            f"{r['backward_speedup']:7.1f}x {r['backward_over_forward']:8.3f} {r['dense_kkt_ms']:8.3f} | {err}"
+            f"{r['backward_speedup']:7.1f}x {r['backward_over_forward']:8.3f} {r['dense_kkt_ms']:8.3f} | "
+            f"{err(r, 'bbd_grad_error')} {err(r, 'cvxpylayers_grad_error')}"
         )
+        if qpth:
+            line += (f" | {r['qpth_forward_ms']:9.3f} {r['qpth_backward_ms']:9.3f} "
+                     f"{r['qpth_backward_speedup']:7.1f}x {err(r, 'qpth_grad_error')}")
+        lines.append(line)
     lines.append("times: ms per instance (median); ratio = fwd bbd / fwd cvxpylayers; speedup = bwd cvxpylayers "
-                 "/ bwd bbd; KKT = one dense batched solve of the KKT size; err = relative error of a "
-                 "directional derivative vs central differences of a tight Clarabel solve (B=1 instance).")
+                 "/ bwd bbd; qpth/bbd = bwd qpth / bwd bbd; KKT = one dense batched solve of the KKT size; err = "
+                 "relative error of a directional derivative vs central differences of a tight Clarabel solve "
+                 "(first instance of the first batch size).")
     lines.append("blackbox_diff factors the KKT matrix in the forward pass (when gradients are on), so its "
-                 "backward is a triangular solve: compare fwd+bwd totals too. qpth: not installable here.")
+                 "backward is a triangular solve: compare fwd+bwd totals too. "
+                 + ("qpth: its own batched interior-point solver in torch." if qpth else "qpth: not installed."))
     return "\n".join(lines)
 
 

@@ -38,9 +38,18 @@ def test_mpc_benchmark_fast_reports_exact_gradients_where_casadi_is_wrong(capsys
     import bench_mpc
 
     (row,) = bench_mpc.main(["--fast", "--reps", "2"])
-    assert "backward / warm re-solve" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "backward / warm re-solve" in out
     assert row["err bounds inactive"] < 1e-8
     assert row["err bounds active"] < 1e-8
     assert row["active u (bounds active)"] > 0
     assert row["err casadi sens. (inactive)"] > 0.1  # CasADi 3.8's own sensitivity with inactive bounds
     assert all(row[k] > 0 for k in ("warm re-solve", "backward (ours)", "central FD"))
+    if bench_mpc.mpc_pytorch is None:  # the Makefile installs it; a bare `pip install -e .[dev]` does not
+        assert "mpc.pytorch: not installed" in out
+        return
+    # mpc.pytorch solves the same MPC (its iLQR lands within 1e-3 of IPOPT's controls) but differentiates the
+    # LQR approximation: its gradient is far from the reference where ours matches it to 1e-8.
+    assert row["mpc.pytorch |u - u*| bounds inactive"] < 1e-3
+    assert row["mpc.pytorch err bounds inactive"] > 1e-3
+    assert row["mpc.pytorch forward"] > 0 and row["mpc.pytorch backward"] > 0
