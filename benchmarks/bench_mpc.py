@@ -262,6 +262,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
                   f"{r['mpc.pytorch |u - u*| bounds active']:.1e}; gradient error, bounds inactive "
                   f"{err['inactive']:.2e} (x0, w only {err_xw['inactive']:.2e}), bounds active "
                   f"{err['active']:.2e} (x0, w only {err_xw['active']:.2e})")
+            if r["mpc.pytorch |u - u*| bounds active"] > 1e-2:
+                print("       mpc.pytorch's iLQR (100 iterations) stopped away from IPOPT's solution: its gradient "
+                      "is of a different point")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(rows, indent=2))

@@ -109,8 +109,8 @@ class CasadiKKT(AbstractCondition):
     def __init__(self, kernels: KKTKernels, *, adjoint: str = "sparse_lu", polish: bool = True) -> None:
         self.kernels, self.adjoint, self.polish = kernels, adjoint, polish
         self.preconditioned = adjoint == "sparse_lu"
-        # K^{-1} K = I is symmetric positive definite: CG converges in one step.
-        self.structure = "spd" if self.preconditioned else "symmetric"
+        # K^{-1} K = I: the adjoint is the incoming gradient, checked by one product (escalating if it fails).
+        self.structure = "identity" if self.preconditioned else "symmetric"
 
     def describe(self) -> str:
         return "CasADi KKT"
