@@ -55,7 +55,8 @@ def cg(
     eps = torch.finfo(x.dtype).eps
     p = r.clone()
     rs = bdot(r, r)
-    active = rs.sqrt() > tol
+    tol_sq = tol * tol
+    active = rs > tol_sq
     for _ in range(problem.max_steps):
         if not bool(active.any()):
             break
@@ -64,8 +65,18 @@ def cg(
         # Curvature at round-off level relative to ||p|| ||Ap|| (Cauchy-Schwarz) is no curvature: A is
         # indefinite or singular along p. `not (>)` also catches NaN produced by the operator.
         bad = active & ~(curvature > eps * bnorm(p) * bnorm(Ap))
-        breakdown |= bad
         step = active & ~bad
+        iterations += active.to(torch.int64)
+        if bool(step.all()):  # every instance takes the step: no masks, in place (the common case, and B = 1)
+            alpha = (rs / curvature)[:, None]
+            x = x.addcmul(alpha, p)
+            r = r.addcmul(alpha, Ap, value=-1.0)
+            rs_new = bdot(r, r)
+            p = r.addcmul((rs_new / rs)[:, None], p)
+            rs = rs_new
+            active = rs > tol_sq
+            continue
+        breakdown |= bad
         alpha = rs / safe(torch.where(step, curvature, torch.zeros_like(curvature)))
         mask = step[:, None]
         x = torch.where(mask, x + alpha[:, None] * p, x)
@@ -74,6 +85,5 @@ def cg(
         beta = rs_new / safe(rs)
         p = torch.where(mask, r + beta[:, None] * p, p)
         rs = torch.where(step, rs_new, rs)
-        iterations += active.to(torch.int64)
-        active = step & (rs.sqrt() > tol)
+        active = step & (rs > tol_sq)
     return finish("cg", problem, x, iterations, breakdown)
