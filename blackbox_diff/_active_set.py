@@ -26,10 +26,11 @@ CANDIDATE_SLACK = 1e-5
 
 def _as_tensor(value: Any, like: torch.Tensor, what: str) -> torch.Tensor:
     try:
-        out = torch.as_tensor(np.asarray(value, dtype=np.float64) if not torch.is_tensor(value) else value)
+        # a copy, as for the solution: the black box's buffer may be reused or read-only
+        out = torch.from_numpy(np.array(value, dtype=np.float64)) if not torch.is_tensor(value) else value.detach()
     except (TypeError, ValueError) as err:
         raise SolverError(f"The black box returned {what} that is not numeric: {value!r}.") from err
-    return out.to(dtype=like.dtype, device=like.device)
+    return out.to(dtype=like.dtype, device=like.device, copy=True)
 
 
 def classify(g: torch.Tensor, lam: torch.Tensor, tol: float) -> tuple[torch.Tensor, torch.Tensor]:

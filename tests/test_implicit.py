@@ -245,3 +245,39 @@ def test_singular_adjoint_system_raises_when_fallback_is_off():
     w = torch.tensor(1.5, requires_grad=True)
     with pytest.raises(bbd.LinearSolveError, match=re.escape("was not solved: instances [0] failed; dense")):
         fn(w)[0].backward()
+
+
+def test_a_black_box_that_reuses_its_output_buffer_does_not_change_earlier_results():
+    workspace = np.zeros(3)
+
+    def solve(b):  # legacy style: the answer lives in a workspace the next call overwrites
+        workspace[:] = np.sqrt(b)
+        return workspace
+
+    fn = bbd.implicit(bbd.Root(lambda x, b: x**2 - b))(solve)
+    first = fn(torch.tensor([1.0, 4.0, 9.0], dtype=torch.float64))
+    fn(torch.tensor([16.0, 25.0, 36.0], dtype=torch.float64))
+    assert first.tolist() == [1.0, 2.0, 3.0]
+
+
+@pytest.mark.parametrize("kind", ["numpy", "torch"])
+def test_read_only_and_shared_answers_are_copied(kind):
+    """Ray hands back read-only arrays from its object store: no torch warning, a writable output."""
+    kept = []
+
+    def solve(b):
+        x = np.sqrt(b)
+        x.setflags(write=False)
+        out = x if kind == "numpy" else torch.from_numpy(x.copy())
+        kept.append(out)
+        return out
+
+    b = torch.tensor([[1.0, 4.0], [9.0, 16.0]], dtype=torch.float64, requires_grad=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        x = bbd.implicit(bbd.Root(lambda x, b: x**2 - b), in_dims=0)(solve)(b)
+    with torch.no_grad():
+        x.add_(1.0)  # writable, and the black box's own objects are untouched
+    assert [float(k[0]) for k in kept] == [1.0, 3.0]
+    (x - 1.0).sum().backward()
+    torch.testing.assert_close(b.grad, 0.5 / b.detach().sqrt())
