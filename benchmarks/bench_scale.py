@@ -1,4 +1,4 @@
-"""Scaling out the black-box solves: serial vs threads vs processes vs Dask (1 and 2 workers), with chunking.
+"""Scaling out the black-box solves: serial vs threads vs processes vs Dask vs Ray (1 and 2 workers), with chunking.
 
 Problem: B small box-constrained QPs  min 0.5 x^T Q x + c^T x  s.t. 0 <= x <= 1  (n = 6, Q SPD and c
 random per instance), each solved by scipy SLSQP: a real black box of about a millisecond, the regime
@@ -13,9 +13,10 @@ where a batch's time is the solves. Reported per executor:
 "chunked" rows use the engine's default, ceil(B / (4 * workers)) instances per task; the others force one
 task per instance (`run_instances(..., chunk_size=1)`). Process pools named
 "(owned)" are created by the caller once and reused; "processes" (the string option) makes a fresh pool
-per call, and its start-up is part of the time. Dask runs a LocalCluster of worker processes on loopback.
+per call, and its start-up is part of the time. Dask runs a LocalCluster of worker processes on loopback;
+Ray a local instance (`ray.init(num_cpus=workers)`) behind the adapter of docs/scaling.md.
 
-Run:  python benchmarks/bench_scale.py [--fast] [--batch B] [--repeat R] [--no-dask] [--json out.json]
+Run:  python benchmarks/bench_scale.py [--fast] [--batch B] [--repeat R] [--no-dask] [--no-ray] [--json out.json]
 """
 
 from __future__ import annotations
@@ -99,9 +100,32 @@ def executor_for(kind: str, workers: int) -> Iterator[Any]:
             n_workers=workers, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=None
         ) as cluster, distributed.Client(cluster) as client:
             client.run(lambda: None)
-            yield client.get_executor()
+            yield client.get_executor(pure=False)  # a black box is not assumed pure: always run it
+    elif kind == "ray":
+        import sys
+
+        import ray
+
+        ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers do not import benchmarks/
+        ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False, configure_logging=False)
+        try:
+            run = ray.remote(num_cpus=1)(_call)
+
+            class RayExecutor(concurrent.futures.Executor):
+                def submit(self, fn, /, *args, **kwargs):
+                    return run.remote(fn, args, kwargs).future()
+
+            ex = RayExecutor()
+            list(ex.map(abs, range(2 * workers)))  # start the workers before timing
+            yield ex
+        finally:
+            ray.shutdown()
     else:
         raise ValueError(kind)
+
+
+def _call(fn: Callable, args: tuple, kwargs: dict) -> Any:
+    return fn(*args, **kwargs)
 
 
 def _best(fn: Callable[[], Any], repeat: int) -> float:
@@ -161,12 +185,13 @@ def bench(B: int, repeat: int, configs: list[tuple[str, int]]) -> list[dict]:
     return rows
 
 
-def configs(with_dask: bool, fast: bool) -> list[tuple[str, int]]:
+def configs(with_dask: bool, fast: bool, with_ray: bool = False) -> list[tuple[str, int]]:
+    clusters = (("dask",) if with_dask else ()) + (("ray",) if with_ray else ())
     if fast:  # a smoke run: one of each path
         out = [("serial", 1), ("threads", 2), ("processes", 2), ("pool (owned)", 2)]
-        return out + ([("dask", 2)] if with_dask else [])
+        return out + [(kind, 2) for kind in clusters]
     out = [("serial", 1), ("threads", 2)]
-    for kind in ("processes", "pool (owned)") + (("dask",) if with_dask else ()):
+    for kind in ("processes", "pool (owned)") + clusters:
         out += [(kind, 1), (kind, 2)]
     return out
 
@@ -177,6 +202,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--batch", type=int, default=None, help="number of QPs (default 1000, fast 200)")
     parser.add_argument("--repeat", type=int, default=None, help="best of this many runs (default 3, fast 1)")
     parser.add_argument("--no-dask", action="store_true", help="skip the Dask rows")
+    parser.add_argument("--no-ray", action="store_true", help="skip the Ray rows")
     parser.add_argument("--json", help="write the table as JSON to this path")
     args = parser.parse_args(argv)
     B = args.batch or (100 if args.fast else 1000)
@@ -188,8 +214,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
     except ImportError:
         print("distributed is not installed: skipping the Dask rows (pip install 'dask[distributed]').")
         with_dask = False
+    try:
+        import ray  # noqa: F401
+
+        with_ray = not args.no_ray
+    except ImportError:
+        print("ray is not installed: skipping the Ray rows (pip install ray).")
+        with_ray = False
     load_before = os.getloadavg()[0]
-    rows = bench(B, repeat, configs(with_dask, args.fast))
+    rows = bench(B, repeat, configs(with_dask, args.fast, with_ray))
     print(f"B = {B} box-constrained QPs (n = {N_VARS}, scipy SLSQP), best of {repeat}; cpu count {os.cpu_count()}; "
           f"1-min load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after (other jobs skew the numbers)")
     cols = [("executor", "executor", "{}"), ("workers", "workers", "{}"), ("chunked", "chunked", "{}"),
