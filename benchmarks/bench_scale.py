@@ -109,11 +109,7 @@ def executor_for(kind: str, workers: int) -> Iterator[Any]:
         ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers do not import benchmarks/
         ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False, configure_logging=False)
         try:
-            run = ray.remote(num_cpus=1)(_call)
-
-            class RayExecutor(concurrent.futures.Executor):
-                def submit(self, fn, /, *args, **kwargs):
-                    return run.remote(fn, args, kwargs).future()
+            from blackbox_diff.executors import RayExecutor
 
             ex = RayExecutor()
             list(ex.map(abs, range(2 * workers)))  # start the workers before timing
@@ -122,10 +118,6 @@ def executor_for(kind: str, workers: int) -> Iterator[Any]:
             ray.shutdown()
     else:
         raise ValueError(kind)
-
-
-def _call(fn: Callable, args: tuple, kwargs: dict) -> Any:
-    return fn(*args, **kwargs)
 
 
 def _best(fn: Callable[[], Any], repeat: int) -> float:

@@ -1,11 +1,12 @@
-"""Ray as the executor, through the few-line adapter docs/scaling.md documents: values, gradients and
-batch order as in the serial loop, a failing solve fails only its instance, and a worker that dies is
-retried by Ray and then reported for its instance only. Ray is a dev dependency: CI runs these."""
+"""Ray as the executor, through `blackbox_diff.executors.RayExecutor` (the docs/scaling.md recipe):
+values, gradients and batch order as in the serial loop, a failing solve fails only its instance, and a
+worker that dies is retried by Ray and then reported for its instance only. Ray is a dev dependency:
+CI runs these."""
 
 from __future__ import annotations
 
-import concurrent.futures
 import re
+import sys
 
 import numpy as np
 import pytest
@@ -13,27 +14,22 @@ import ray
 import torch
 
 import blackbox_diff as bbd
+from blackbox_diff.executors import RayExecutor
 
 SQRT = bbd.Root(lambda x, w: x**2 - w)
-
-
-@ray.remote(num_cpus=1, max_retries=1)
-def _run(fn, args, kwargs):
-    return fn(*args, **kwargs)
-
-
-class RayExecutor(concurrent.futures.Executor):
-    """The recipe of docs/scaling.md: each call a Ray task, its ObjectRef seen as a Future."""
-
-    def submit(self, fn, /, *args, **kwargs):
-        return _run.remote(fn, args, kwargs).future()
 
 
 @pytest.fixture(scope="module")
 def executor():
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    yield RayExecutor()
+    yield RayExecutor(max_retries=1)  # one retry of a dead worker's task, then WorkerCrashedError
     ray.shutdown()
+
+
+def test_ray_executor_without_ray_says_how_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)
+    with pytest.raises(ImportError, match=re.escape("pip install ray")):
+        RayExecutor()
 
 
 def _solvers():
