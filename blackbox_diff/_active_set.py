@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from blackbox_diff._batching import owned_tensor
 from blackbox_diff._conditions import KKTSolution
 from blackbox_diff._errors import SolverError
 
@@ -26,11 +27,9 @@ CANDIDATE_SLACK = 1e-5
 
 def _as_tensor(value: Any, like: torch.Tensor, what: str) -> torch.Tensor:
     try:
-        # a copy, as for the solution: the black box's buffer may be reused or read-only
-        out = torch.from_numpy(np.array(value, dtype=np.float64)) if not torch.is_tensor(value) else value.detach()
+        return owned_tensor(value, like.dtype, like.device)
     except (TypeError, ValueError) as err:
         raise SolverError(f"The black box returned {what} that is not numeric: {value!r}.") from err
-    return out.to(dtype=like.dtype, device=like.device, copy=True)
 
 
 def classify(g: torch.Tensor, lam: torch.Tensor, tol: float) -> tuple[torch.Tensor, torch.Tensor]:

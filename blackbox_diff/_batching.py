@@ -18,6 +18,20 @@ from blackbox_diff._errors import InputError
 __all__ = ["as_parameters", "batch_layout", "instance_args", "run_instances"]
 
 
+
+def owned_tensor(value: Any, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A black-box answer (tensor, array, number) as a tensor of its own: always a copy.
+
+    A black box may hand back its own workspace and overwrite it on the next call, or a read-only buffer
+    (Ray's object store, a memory map) that torch must not share.
+
+    Raises:
+        TypeError, ValueError: the value is not numeric (callers turn it into their `SolverError`).
+    """
+    if torch.is_tensor(value):
+        return value.detach().to(dtype=dtype, device=device, copy=True)
+    return torch.from_numpy(np.array(value, dtype=np.float64)).to(dtype=dtype, device=device)
+
 def as_parameters(params: Sequence[Any]) -> list[torch.Tensor]:
     """Validate the call's parameters: floating tensors (numbers and arrays are converted), one device,
     finite values.

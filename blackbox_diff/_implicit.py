@@ -21,11 +21,10 @@ import warnings
 from collections.abc import Callable
 from typing import Any
 
-import numpy as np
 import torch
 
 from blackbox_diff._adjoint import solve_adjoint
-from blackbox_diff._batching import as_parameters, batch_layout, instance_args, run_instances
+from blackbox_diff._batching import as_parameters, batch_layout, instance_args, owned_tensor, run_instances
 from blackbox_diff._conditions import AbstractCondition, KKTSolution
 from blackbox_diff._errors import CertificationError, InputError, SolverError
 from blackbox_diff._options import ImplicitOptions, parse_options
@@ -337,18 +336,13 @@ def _result_dtype(tensors: list[torch.Tensor]) -> torch.dtype:
 def _solution_tensor(value: Any, dtype: torch.dtype, device: torch.device, where: str) -> torch.Tensor:
     if isinstance(value, KKTSolution):
         value = value.x
-    # Always a copy: a black box may hand back its own workspace and overwrite it on the next call, or a
-    # read-only buffer (Ray's object store, a memory map) that torch must not share.
-    if torch.is_tensor(value):
-        return value.detach().to(dtype=dtype, device=device, copy=True)
     try:
-        arr = np.array(value, dtype=np.float64)
+        return owned_tensor(value, dtype, device)
     except (TypeError, ValueError) as err:
         raise SolverError(
             f"The black box returned a {type(value).__name__}{where} that is not an array of numbers: "
             f"{str(value)[:80]!r}. Return a float, a numpy array or a tensor."
         ) from err
-    return torch.from_numpy(arr).to(dtype=dtype, device=device)
 
 
 def _unbatch(result: Any) -> Any:

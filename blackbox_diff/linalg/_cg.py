@@ -67,7 +67,7 @@ def cg(
         bad = active & ~(curvature > eps * bnorm(p) * bnorm(Ap))
         step = active & ~bad
         iterations += active.to(torch.int64)
-        if bool(step.all()):  # every instance takes the step: no masks, in place (the common case, and B = 1)
+        if bool(step.all()):  # every instance takes the step: no masks (the common case, and B = 1)
             alpha = (rs / curvature)[:, None]
             x = x.addcmul(alpha, p)
             r = r.addcmul(alpha, Ap, value=-1.0)
