@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -77,6 +78,8 @@ def bench(n: int, repeat: int) -> dict:
     err = lambda got: float((got - exact).abs().max() / exact.abs().max())  # noqa: E731
     row = {"n": n, "forward_s": t_forward, "ours_backward_s": t_ours, "ours_err": err(g_ours),
            "ours_root_backward_s": t_root, "ours_root_err": err(g_root)}
+    # torchopt 0.7 calls functorch.vjp, which warns on every call under torch 2.x
+    warnings.filterwarnings("ignore", category=FutureWarning, module="torchopt")
     try:
         import torchopt
     except ImportError:
