@@ -21,6 +21,7 @@ import argparse
 import json
 import sys
 import time
+import types
 import warnings
 from pathlib import Path
 
@@ -48,6 +49,17 @@ def _best_ms(fn, reps: int) -> float:
     for _ in range(reps):
         t = time.perf_counter()
         fn()
+        times.append(time.perf_counter() - t)
+    return 1e3 * float(np.min(times))
+
+
+def _best_backward_ms(make_loss, reps: int) -> float:
+    """Best time of `make_loss().backward()` alone (the forward that builds the loss is not timed)."""
+    times = []
+    for _ in range(reps):
+        loss = make_loss()
+        t = time.perf_counter()
+        loss.backward()
         times.append(time.perf_counter() - t)
     return 1e3 * float(np.min(times))
 
@@ -123,8 +135,7 @@ def _casadi_sensitivity(layer, params, T):
 class _TorchCartPole(torch.nn.Module):
     """The example's RK4 cart-pole step on a batch of states (B, 4) and forces (B, 1), in torch."""
 
-    ops = type("ops", (), {"sin": staticmethod(torch.sin), "cos": staticmethod(torch.cos),
-                           "vertcat": staticmethod(lambda *rows: torch.stack(rows))})
+    ops = types.SimpleNamespace(sin=torch.sin, cos=torch.cos, vertcat=lambda *rows: torch.stack(rows))
 
     def __init__(self, length: torch.Tensor, dt: float):
         super().__init__()
@@ -165,13 +176,7 @@ def _mpc_pytorch_rows(row: dict, T: int, name: str, x0, probe, ref: np.ndarray, 
     if name != "bounds active":
         return
     row["mpc.pytorch forward"] = _best_ms(lambda: _mpc_pytorch_solve(T, *ps), reps)
-    times = []
-    for _ in range(reps):
-        loss = _loss(*_mpc_pytorch_solve(T, *ps), probe)
-        t = time.perf_counter()
-        loss.backward()
-        times.append(time.perf_counter() - t)
-    row["mpc.pytorch backward"] = 1e3 * float(np.min(times))
+    row["mpc.pytorch backward"] = _best_backward_ms(lambda: _loss(*_mpc_pytorch_solve(T, *ps), probe), reps)
 
 
 def bench(T: int, reps: int) -> dict:
@@ -186,13 +191,7 @@ def bench(T: int, reps: int) -> dict:
     row["warm re-solve"] = _best_ms(lambda: warm.compiled.solve(*args), reps)
     row["layer forward"] = _best_ms(lambda: warm(*params), reps)
     _loss(*warm(*params), probe).backward()  # first backward pays torch's lazy imports
-    times = []
-    for _ in range(reps):
-        loss = _loss(*warm(*params), probe)
-        t = time.perf_counter()
-        loss.backward()
-        times.append(time.perf_counter() - t)
-    row["backward (ours)"] = 1e3 * float(np.min(times))
+    row["backward (ours)"] = _best_backward_ms(lambda: _loss(*warm(*params), probe), reps)
     row["central FD"] = _best_ms(
         lambda: _fd_gradient(warm.compiled.solve, params, T, probe, 1e-6, 2), max(3, reps // 5)
     )
