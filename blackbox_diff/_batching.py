@@ -15,7 +15,7 @@ import torch
 
 from blackbox_diff._errors import InputError
 
-__all__ = ["as_parameters", "batch_layout", "instance_args", "run_instances"]
+__all__ = ["as_parameters", "batch_layout", "check_finite", "instance_args", "run_instances"]
 
 
 
@@ -33,8 +33,8 @@ def owned_tensor(value: Any, dtype: torch.dtype, device: torch.device) -> torch.
     return torch.from_numpy(np.array(value, dtype=np.float64)).to(dtype=dtype, device=device)
 
 def as_parameters(params: Sequence[Any]) -> list[torch.Tensor]:
-    """Validate the call's parameters: floating tensors (numbers and arrays are converted), one device,
-    finite values.
+    """Validate the call's parameters: floating tensors (numbers and arrays are converted), one device.
+    (Their values are checked by `check_finite` inside the engine's forward.)
 
     Raises:
         InputError: naming the parameter position, what it is and what was expected.
@@ -72,12 +72,6 @@ def as_parameters(params: Sequence[Any]) -> list[torch.Tensor]:
                 f"Parameter {i} is on the meta device, which holds no data; expected parameters holding data "
                 "(cpu or cuda). Materialise it (e.g. torch.empty_like(p, device='cpu')) before the call."
             )
-        if not bool(torch.isfinite(p).all()):
-            bad = (~torch.isfinite(p)).nonzero()[:5].tolist()
-            raise InputError(
-                f"Parameter {i} contains NaN or Inf (first entries at indices {bad}); expected finite values. "
-                "Check the upstream computation that produced it."
-            )
         out.append(p)
     devices = {p.device for p in out}
     if len(devices) > 1:
@@ -86,6 +80,18 @@ def as_parameters(params: Sequence[Any]) -> list[torch.Tensor]:
             "Move them with .to(device) first."
         )
     return out
+
+
+def check_finite(params: Sequence[torch.Tensor]) -> None:
+    """Raise `InputError` naming the first parameter that holds NaN or Inf (checked on plain tensors,
+    inside the engine's forward, where torch.func transforms have handed over real values)."""
+    for i, p in enumerate(params):
+        if not bool(torch.isfinite(p).all()):
+            bad = (~torch.isfinite(p)).nonzero()[:5].tolist()
+            raise InputError(
+                f"Parameter {i} contains NaN or Inf (first entries at indices {bad}); expected finite values. "
+                "Check the upstream computation that produced it."
+            )
 
 
 def batch_layout(params: list[torch.Tensor], in_dims: Any) -> tuple[list[torch.Tensor], list[bool], int | None]:
@@ -136,12 +142,16 @@ def batch_layout(params: list[torch.Tensor], in_dims: Any) -> tuple[list[torch.T
 def instance_args(
     params: list[torch.Tensor], batched: list[bool], index: int | None, arrays: str
 ) -> tuple[Any, ...]:
-    """The black box's arguments for one instance: detached float64 numpy arrays, or torch tensors."""
+    """The black box's arguments for one instance: float64 numpy arrays, or torch tensors, always copies.
+
+    A legacy solver may write into its inputs (clip them in place); it must never reach the caller's
+    tensors or the values the backward differentiates at.
+    """
     out = []
     for p, b in zip(params, batched, strict=True):
         q = p[index] if (b and index is not None) else p
         q = q.detach()
-        out.append(q.to("cpu", torch.float64).numpy() if arrays == "numpy" else q)
+        out.append(np.array(q.to("cpu", torch.float64).numpy(), copy=True) if arrays == "numpy" else q.clone())
     return tuple(out)
 
 

@@ -56,6 +56,12 @@ class SolverError(BlackBoxDiffError):
         self.exit_code = exit_code
         self.stderr_tail = stderr_tail
 
+    def __str__(self) -> str:
+        message = super().__str__()
+        if self.batch_index is not None and "batch index" not in message:
+            message = f"{message.rstrip()} (batch index {self.batch_index})"
+        return message
+
 
 class CertificationError(BlackBoxDiffError):
     """The point returned by the black box does not satisfy the optimality condition.

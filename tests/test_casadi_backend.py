@@ -375,7 +375,7 @@ def test_process_executor_pickles_the_solver_and_gives_the_serial_answer():
 @pytest.mark.parametrize(
     ("adjoint", "message"),
     [("sparse_lu", "The KKT matrix of the CasADi problem is singular at the solution"),
-     ("engine", "Adjoint system singular or not solvable")],
+     ("engine", "Adjoint system (dF/dz)^T u = dL/dz singular or not solvable")],
 )
 def test_dependent_active_constraints_warn_and_use_least_squares(adjoint, message):
     # x <= p twice: both rows active, the KKT matrix singular, the multipliers not unique; dx/dp = 1 still.

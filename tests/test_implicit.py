@@ -212,7 +212,7 @@ def test_uncertified_answer_fails_only_its_instance_under_nan_policy():
 
 
 def test_nan_policy_with_every_instance_failing_raises():
-    with pytest.raises(bbd.SolverError, match="Every instance of the batch failed"), pytest.warns(RuntimeWarning):
+    with pytest.raises(bbd.SolverError, match="Every instance of the call failed"), pytest.warns(RuntimeWarning):
         bbd.implicit(bbd.Root(lambda x, w: x - w), on_failure="nan", in_dims=0)(
             lambda w: (_ for _ in ()).throw(RuntimeError("no"))
         )(torch.ones(2))

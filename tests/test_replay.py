@@ -56,7 +56,7 @@ def test_record_holds_an_exact_copy_of_the_parameters_and_the_error(tmp_path):
     assert np.array_equal(np.asarray(rec["args"][0]["data"]), w)  # bit-exact round trip
     assert rec["error"] == {
         "type": "SolverError",
-        "message": "solver raised",
+        "message": "solver raised (batch index 4)",
         "cause_type": "ArithmeticError",
         "cause_message": "negative input",
     }

@@ -1,0 +1,14 @@
+"""The IFT engine: one autograd core for every differentiable output of blackbox_diff.
+
+`apply(call, params)` runs a `Call` (a black box and its optimality condition) inside a
+`torch.autograd.Function` whose backward, forward-mode and vmap rules implement the implicit function
+theorem (see `blackbox_diff.engine._functions`). `bbd.implicit`, every `bbd.layer`, `odeint` and `DEQ`
+go through it.
+"""
+
+from blackbox_diff.engine._call import Answers, Call
+from blackbox_diff.engine._functions import apply
+from blackbox_diff.engine._policy import choose_solver, solve_linear
+from blackbox_diff.engine._system import Linearization, System
+
+__all__ = ["Answers", "Call", "Linearization", "System", "apply", "choose_solver", "solve_linear"]

@@ -1,0 +1,216 @@
+"""One call of an implicit function: run the black box, certify its answers, state the condition.
+
+A `Call` is what the IFT core (`blackbox_diff.engine.apply`) runs inside its autograd forward, on plain
+tensors: `answers` runs the black box for every instance (a per-instance solver through an executor, a
+batched torch solver, a Newton step), the residual and certificate functions state the optimality
+condition on flat unknowns, and `run` ties them together: answers -> certification -> `System` (and, when
+gradients may follow, the condition's graph at the answers, reused by a first-order backward).
+"""
+
+from __future__ import annotations
+
+import abc
+import copy
+import dataclasses
+import warnings
+from typing import Any
+
+import torch
+
+from blackbox_diff._errors import BlackBoxDiffError, CertificationError, InputError
+from blackbox_diff.engine._system import Linearization, Residual, System
+
+__all__ = ["Answers", "Call"]
+
+
+@dataclasses.dataclass
+class Answers:
+    """The black box's answers for a batch: unknowns (B, n), per-instance aux tensors, success mask (B,)."""
+
+    Z: torch.Tensor
+    aux: tuple[torch.Tensor, ...]
+    ok: torch.Tensor
+
+
+class Call(abc.ABC):
+    """Base of a call's record. Subclasses say how to get answers and state the condition.
+
+    Attributes set by the caller: options (`ImplicitOptions`-like), batched (per parameter), describe.
+    Attributes set by `run`: system, ok, linearization (first-order fast path), captures (whether the
+    residual reaches trainable tensors other than the parameters), shape (of one instance's unknowns).
+    """
+
+    structure: str = "general"
+    functional: bool = True
+
+    def __init__(self, options: Any, batched: tuple[bool, ...], describe: str) -> None:
+        self.options, self.batched, self.describe = options, tuple(batched), describe
+        self.system: System | None = None
+        self.ok: torch.Tensor | None = None
+        self.linearization: Linearization | None = None
+        self.captures = False
+        self.want_graph = False
+        self.point: tuple[torch.Tensor, list[torch.Tensor]] | None = None
+        self.vmapped = False
+        self._adjoint: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    # --- what subclasses provide ----------------------------------------------------------------
+    @abc.abstractmethod
+    def answers(self, params: list[torch.Tensor]) -> Answers:
+        """Run the black box on every instance (plain, detached tensors); failures get ok=False."""
+
+    @abc.abstractmethod
+    def residual_fn(self) -> Residual:
+        """The batched residual (Z (B, n), aux, params) -> (B, n)."""
+
+    def certificate_fn(self) -> Residual | None:
+        """The batched certificate (largest magnitude certifies an answer); None: the residual."""
+        return None
+
+    def fail(self, err: BlackBoxDiffError, index: int | None) -> None:
+        """An instance failed after the black box returned (certification): raise, or warn and go on."""
+        if getattr(self.options, "on_failure", "raise") == "raise":
+            raise err
+        warnings.warn(f"{err} The instance's output is NaN and its gradient zero.", RuntimeWarning, stacklevel=6)
+
+    def index_of(self, row: int) -> int | None:
+        """The user's batch index of row `row` (None for an unbatched call)."""
+        return row
+
+    def fresh(self, batched: tuple[bool, ...]) -> Call:
+        """A copy for a different batch layout (vmap merges a vmapped dimension into the batch)."""
+        new = copy.copy(self)
+        Call.__init__(new, self.options, batched, self.describe)
+        return new
+
+    def adopt(self, other: Call) -> None:
+        """Take over the state of `other`, the copy that actually ran with a vmapped dimension folded into
+        its batch: the condition (the backward re-reads aux from the saved outputs, in this call's layout),
+        and whether every instance succeeded (failed instances under vmap cannot be told apart by row).
+        Subclasses extend it with what their caller reads after the call (e.g. the solution shape)."""
+        self.system = other.system.with_aux(other.system.aux, self.batched)
+        self.captures = other.captures
+        self.vmapped = True
+        self.ok = None if other.ok is None else bool(other.ok.all())
+
+    # --- the shared run ---------------------------------------------------------------------------
+    def run(self, params: list[torch.Tensor]) -> torch.Tensor:
+        """answers -> certification -> system; returns Z (B, n) with NaN rows for failed instances."""
+        ans = self.answers(params)
+        Z, ok = ans.Z, ans.ok.clone()
+        system = System(self.residual_fn(), ans.aux, self.batched, self.structure, self.options,
+                        self.describe, self.functional)
+        self.system = system
+        for _ in range(2):  # a second pass only when certification removed instances
+            if not bool(ok.any()):
+                break
+            lin, R = self._evaluate(system, Z, params, ok)
+            passed = self._certify(system, Z, params, ok, R)
+            if bool(passed.all()):
+                self.linearization = lin
+                idx = torch.nonzero(ok).flatten()
+                full = bool(ok.all())
+                self.point = (Z.detach() if full else Z[idx].detach(),
+                              [p.detach() for p in (params if full else system.params_rows(params, idx))])
+                break
+            ok[torch.nonzero(ok).flatten()[~passed]] = False
+        self.ok = ok
+        if not bool(ok.all()):
+            Z = Z.clone()
+            Z[~ok] = float("nan")
+        return Z
+
+    def _evaluate(self, system: System, Z, params, ok) -> tuple[Linearization | None, torch.Tensor]:
+        """F at the answers of the ok rows; with its graph when a backward may follow."""
+        idx = torch.nonzero(ok).flatten()
+        full = bool(ok.all())
+        sub = system if full else system.rows(idx)
+        Zs = Z if full else Z[idx]
+        Ps = list(params) if full else sub.params_rows(params, idx)
+        try:
+            if self.want_graph:
+                lin = Linearization(sub, Zs, Ps)
+                R, Zl, Pl = lin.graph()
+                self.captures = _reaches_other_leaves(R, [Zl, *Pl])
+                return lin, R.detach()
+            with torch.no_grad():
+                return None, sub(Zs, Ps)
+        except (BlackBoxDiffError, InputError):
+            raise
+        except Exception as err:
+            raise InputError(
+                f"Evaluating the {self.describe} residual at the black box's answer failed: {type(err).__name__}: "
+                f"{err}. Check the residual's signature F(z, *params), that it is written in torch, and that it "
+                "accepts z of the shape the black box returns."
+            ) from err
+
+    def _certify(self, system: System, Z, params, ok, R: torch.Tensor) -> torch.Tensor:
+        """Per ok row: does the answer satisfy the condition? Failing rows go through `fail`."""
+        rows = torch.nonzero(ok).flatten()
+        if R.shape[1] != Z.shape[1]:
+            raise InputError(
+                f"The {self.describe} residual has {R.shape[1]} entries but z has {Z.shape[1]}; the implicit "
+                "function theorem needs a square system (one equation per unknown)."
+            )
+        tol = self.options.residual_tol
+        if tol is None:
+            return torch.ones(rows.numel(), dtype=torch.bool)
+        cert = self.certificate_fn()
+        with torch.no_grad():
+            if cert is not None:
+                sub = system.rows(rows)
+                C = cert(Z[rows], sub.aux, sub.params_rows(params, rows), sub.batched)
+            else:
+                C = R
+            err = C.abs().amax(dim=1) if C.shape[1] else C.new_zeros(C.shape[0])
+            Zs = Z[rows]
+            scale = 1.0 + (Zs.abs().amax(dim=1) if Zs.shape[1] else Zs.new_zeros(Zs.shape[0]))
+            bad = ~(err <= tol * scale)
+        passed = []
+        for b, e, s, r in zip(bad.tolist(), err.tolist(), (scale * tol).tolist(), rows.tolist(), strict=True):
+            if not b:
+                passed.append(True)
+                continue
+            index = self.index_of(r)
+            where = "" if index is None else f" at batch index {index}"
+            msg = (
+                f"The black box's answer{where} does not satisfy the {self.describe} condition: max|F| = {e:.3g} > "
+                f"residual_tol*(1+max|z|) = {s:.3g}. Solve more accurately, check that the condition matches the "
+                "solver, or loosen residual_tol (None disables the check)."
+            )
+            if getattr(self.options, "certify", "raise") == "warn":
+                warnings.warn(msg + " Gradients may be wrong.", RuntimeWarning, stacklevel=6)
+                passed.append(True)
+                continue
+            self.fail(CertificationError(msg, batch_index=index, residual=e, tolerance=s), index)
+            passed.append(False)
+        return torch.tensor(passed, dtype=torch.bool)
+
+    # --- adjoint cache (the closure link and the parameter path share one solve) ----------------
+    def remember_adjoint(self, g: torch.Tensor, u: torch.Tensor) -> None:
+        self._adjoint = (g.detach(), u.detach())
+
+    def recall_adjoint(self, g: torch.Tensor) -> torch.Tensor | None:
+        if self._adjoint is None:
+            return None
+        g0, u0 = self._adjoint
+        same = g0.shape == g.shape and (g0.data_ptr() == g.data_ptr() or bool(torch.equal(g0, g.detach())))
+        return u0 if same else None
+
+
+def _reaches_other_leaves(R: torch.Tensor, leaves: list[torch.Tensor]) -> bool:
+    """Whether R's graph reaches tensors that require grad other than `leaves` (closure captures)."""
+    own = {id(t) for t in leaves}
+    stack, seen = [R.grad_fn], set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        variable = getattr(node, "variable", None)
+        if variable is not None:  # AccumulateGrad: a leaf
+            if id(variable) not in own:
+                return True
+            continue
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return False
