@@ -116,16 +116,27 @@ def check_gradients(
 
 
 def saved_tensor_bytes(fn: Callable[[], Any]) -> int:
-    """Bytes of the tensors autograd saves for the backward while `fn()` runs.
+    """Bytes of the distinct tensors autograd saves for the backward while `fn()` runs, beyond the
+    caller's own leaf tensors.
 
     The memory an implicit layer keeps for its backward should not grow with the solver's iteration
     count; this measures it (e.g. ``saved_tensor_bytes(lambda: layer(x))`` with few and many iterations).
+    Leaf tensors that require grad (module parameters, inputs the caller created) and views of them live
+    whether or not a backward is pending, so references to them are not counted; a tensor saved by several
+    operations is counted once (one allocation).
     """
     total = 0
+    seen: set[tuple[int, int]] = set()
 
     def pack(t: torch.Tensor) -> torch.Tensor:
         nonlocal total
-        total += t.numel() * t.element_size()
+        base = t if t._base is None else t._base  # a view of a parameter (W.T) is that parameter
+        if base.is_leaf and base.requires_grad:
+            return t
+        key = (t.untyped_storage().data_ptr(), t.storage_offset()) if t.device.type != "meta" else (id(t), 0)
+        if key not in seen:
+            seen.add(key)
+            total += t.numel() * t.element_size()
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):

@@ -34,6 +34,10 @@ class AbstractCondition(abc.ABC):
     # False when `residual` cannot run under torch.func.vmap (calls into numpy, CasADi, .item(), ...):
     # the batch is then evaluated in a loop without a failed vmap attempt first.
     vmappable: ClassVar[bool] = True
+    # False when `residual` goes through code torch differentiates only once (an external library inside
+    # a once-differentiable torch.autograd.Function): the engine then gives first derivatives and forward
+    # mode through plain autograd, and a clear BlackBoxDiffError for second derivatives and torch.func.
+    functional: ClassVar[bool] = True
 
     @abc.abstractmethod
     def residual(self, z: torch.Tensor, *params: Any) -> torch.Tensor:

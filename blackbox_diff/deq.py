@@ -1,10 +1,11 @@
 """Deep equilibrium layers: a fixed point z* = f(z*, x) found by a black box and differentiated by the IFT.
 
 The forward is any fixed-point solver run without autograd: plain iteration, Anderson acceleration
-(both here, batched in torch) or the user's ``solver(T, z0) -> z``. The backward is `bbd.implicit` with
-the `bbd.FixedPoint` condition: one adjoint solve ``(I - df/dz)^T u = dL/dz*`` by Neumann iteration
-when the forward measured a clear contraction, by GMRES otherwise, then one VJP of f. Memory
-is one evaluation of f, independent of the number of forward iterations (unrolling stores every one).
+(both here, batched in torch) or the user's ``solver(T, z0) -> z``, inside the engine's autograd core
+with the fixed-point condition z - f(z, x) = 0. The backward is one adjoint solve
+``(I - df/dz)^T u = dL/dz*`` per instance, by Neumann iteration when the forward measured a clear
+contraction, by GMRES otherwise, then one VJP of f. Memory is one evaluation of f, independent of the
+number of forward iterations (unrolling stores every one).
 
 Invariant: the returned z satisfies ``max|f(z, x) - z| <= tol (1 + max|z|)`` for every instance of the
 batch; otherwise the call raises (`bbd.CertificationError`) instead of returning a wrong gradient.
@@ -18,7 +19,10 @@ from typing import Any
 
 import torch
 
+from blackbox_diff import engine
+from blackbox_diff._batching import check_finite
 from blackbox_diff._errors import InputError, SolverError
+from blackbox_diff._options import parse_options
 
 __all__ = ["DEQ", "FixedPointResult", "anderson", "fixed_point_iteration", "fixed_point_layer"]
 
@@ -192,6 +196,11 @@ class DEQ(torch.nn.Module):
             or any `bbd.implicit` linear solver.
         **implicit_options: further `bbd.implicit` options (rtol, max_steps, residual_tol, certify, ...).
 
+    Every instance of the batch (row of x) is one fixed-point problem for the engine: adjoint solves
+    converge, escalate and fail per instance. The forward solver runs inside the engine's autograd core, so
+    forward mode, second derivatives in x and torch.func transforms work; f's own weights get exact first
+    derivatives (and forward-mode tangents).
+
     Attributes:
         last: the `FixedPointResult` of the most recent forward (iterations, residuals, rate).
         last_linear_solver: the adjoint solver the most recent forward chose.
@@ -221,30 +230,26 @@ class DEQ(torch.nn.Module):
         self.f, self.solver, self.tol, self.max_iter = f, solver, tol, max_iter
         self.solver_options = dict(solver_options or {})
         self.linear_solver = linear_solver
-        self._residual_tol = implicit_options.pop("residual_tol", "default")
-        # The whole batch is one system for the engine (one batched forward solve); a dense fallback of
-        # that size would be ruinous, so a failed adjoint solve raises instead.
-        implicit_options.setdefault("fallback", False)
+        residual_tol = implicit_options.pop("residual_tol", "default")
         # The adjoint needs no more accuracy than z* has: stop it at the forward's tolerance.
-        self._rtol = implicit_options.pop("rtol", None)
-        self.implicit_options = implicit_options
+        rtol = implicit_options.pop("rtol", None)
+        for key in ("in_dims", "executor", "arrays"):
+            if key in implicit_options:
+                raise InputError(
+                    f"DEQ: option {key!r} does not apply (the batch is x's first dimension and the forward solver "
+                    "runs in torch); remove it."
+                )
         self.last: FixedPointResult | None = None
         self.last_linear_solver: str | None = None
-        from blackbox_diff._conditions import FixedPoint
-        from blackbox_diff._implicit import implicit
-
-        condition = FixedPoint(lambda z, x: self.f(z, x))
         methods = ("neumann", "gmres") if linear_solver == "auto" else (linear_solver,)
-        # Built once (options validated now, with their names, rather than at the first forward).
-        self._wrapped = {
-            (m, dt): implicit(
-                condition,
-                arrays="torch",
-                linear_solver=m,
-                residual_tol=self._certify_tol(dt),
-                rtol=self._tol(dt) if self._rtol is None else self._rtol,
+        # Validated now, with their names, rather than at the first forward.
+        self._options = {
+            (m, dt): parse_options({
+                "linear_solver": m,
+                "residual_tol": 10 * self._tol(dt) if residual_tol == "default" else residual_tol,
+                "rtol": self._tol(dt) if rtol is None else rtol,
                 **implicit_options,
-            )
+            })
             for m in methods
             for dt in (torch.float32, torch.float64)
         }
@@ -254,15 +259,20 @@ class DEQ(torch.nn.Module):
             return self.tol
         return 1e-8 if dtype == torch.float64 else 1e-5
 
-    def _certify_tol(self, dtype: torch.dtype) -> float | None:
-        return 10 * self._tol(dtype) if self._residual_tol == "default" else self._residual_tol
+    def solve(self, x: torch.Tensor, z0: torch.Tensor | None = None, *, f: Callable | None = None
+              ) -> FixedPointResult:
+        """Run the forward solver only (no gradient), from z0 (default zeros of x's shape).
 
-    def solve(self, x: torch.Tensor, z0: torch.Tensor | None = None) -> FixedPointResult:
-        """Run the forward solver only (no gradient), from z0 (default zeros of x's shape)."""
+        Args:
+            x: the input (B, ...).
+            z0: the starting point (default zeros of x's shape).
+            f: the map to iterate (default the layer's f; the engine passes f with given weights).
+        """
         z0 = torch.zeros_like(x) if z0 is None else z0.detach()
+        f = self.f if f is None else f
 
         def T(z: torch.Tensor) -> torch.Tensor:
-            return self.f(z, x)
+            return f(z, x)
 
         with torch.no_grad():
             if callable(self.solver):
@@ -280,20 +290,73 @@ class DEQ(torch.nn.Module):
             tol = self._tol(x.dtype)
             return _SOLVERS[self.solver](T, z0, tol=tol, max_iter=self.max_iter, **self.solver_options)
 
+    def choose_linear_solver(self, result: FixedPointResult) -> str:
+        """The adjoint solver for a forward's result (see `linear_solver`)."""
+        if self.linear_solver != "auto":
+            return self.linear_solver
+        # Neumann converges at the plain iteration's rate: use it where the forward measured a clear
+        # contraction; otherwise GMRES (never more operator applications than Neumann).
+        limit = {"iteration": _NEUMANN_MAX_RATE, "anderson": _NEUMANN_MAX_SECANT_GAIN}.get(result.method, 0.0)
+        contractive = bool(result.converged.all()) and result.rate < limit  # NaN compares False
+        return "neumann" if contractive else "gmres"
+
+    @torch.compiler.disable
     def forward(self, x: torch.Tensor, z0: torch.Tensor | None = None) -> torch.Tensor:  # noqa: D102
-        result = self.solve(x.detach(), z0)
-        self.last = result
-        method = self.linear_solver
-        if method == "auto":
-            # Neumann converges at the plain iteration's rate: use it where the forward measured a clear
-            # contraction; otherwise GMRES (never more operator applications than Neumann).
-            limit = {"iteration": _NEUMANN_MAX_RATE, "anderson": _NEUMANN_MAX_SECANT_GAIN}.get(result.method, 0.0)
-            contractive = bool(result.converged.all()) and result.rate < limit  # NaN compares False
-            method = "neumann" if contractive else "gmres"
-        self.last_linear_solver = method
-        # The black box's answer is already known; bbd.implicit certifies it and attaches the IFT.
-        dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-        return self._wrapped[method, dtype](lambda _x: result.z)(x)
+        if not torch.is_tensor(x) or not x.is_floating_point() or x.dim() < 1:
+            raise InputError(
+                f"DEQ expects x to be a floating-point tensor of shape (B, ...) (batch first); got "
+                f"{type(x).__name__}{' of shape ' + str(tuple(x.shape)) if torch.is_tensor(x) else ''}."
+            )
+        z0 = torch.zeros_like(x) if z0 is None else z0.to(dtype=x.dtype, device=x.device)
+        lifted = engine.lift(self.f)
+        weights = [] if lifted is None else lifted.tensors
+        call = _DEQCall(self, x.dtype, lifted)
+        Z, _ = engine.apply(call, [x, z0.detach(), *weights])
+        return Z.reshape(x.shape[0], *call.shape)
+
+
+class _DEQCall(engine.Call):
+    """A DEQ forward for the engine: the batch solved at once in torch, each row one fixed-point problem."""
+
+    structure = "fixed_point"
+    independent = False
+    coupling_hint = ("f mixes the instances of the batch (e.g. batch statistics); a DEQ needs f to act on each row "
+                     "of z and x independently.")
+
+    def __init__(self, deq: DEQ, dtype: torch.dtype, lifted: engine.Lifted | None) -> None:
+        key = ("neumann" if deq.linear_solver == "auto" else deq.linear_solver,
+               torch.float64 if dtype == torch.float64 else torch.float32)
+        n_weights = 0 if lifted is None else len(lifted.names)
+        super().__init__(deq._options[key], (True, True) + (False,) * n_weights, "FixedPoint")
+        self.deq, self.dtype, self.lifted = deq, key[1], lifted
+        self.shape: torch.Size | None = None
+
+    def _f(self, z: torch.Tensor, x: torch.Tensor, weights: list[torch.Tensor]) -> torch.Tensor:
+        return self.deq.f(z, x) if self.lifted is None else self.lifted(weights, z, x)
+
+    def answers(self, params: list[torch.Tensor]) -> engine.Answers:
+        x, z0, *weights = params
+        check_finite([x])
+        result = self.deq.solve(x, z0, f=lambda z, x: self._f(z, x, weights))
+        method = self.deq.choose_linear_solver(result)
+        self.deq.last, self.deq.last_linear_solver = result, method
+        self.options = self.deq._options[method, self.dtype]
+        self.shape = result.z.shape[1:]
+        Z = result.z.reshape(x.shape[0], -1)
+        return engine.Answers(Z, (), torch.ones(x.shape[0], dtype=torch.bool, device=x.device))
+
+    def residual_fn(self):
+        shape = self.shape
+
+        def residual(Z: torch.Tensor, aux: tuple, params, batched) -> torch.Tensor:
+            z = Z.reshape(Z.shape[0], *shape)
+            return (z - self._f(z, params[0], list(params[2:]))).reshape(Z.shape[0], -1)
+
+        return residual
+
+    def adopt(self, other: engine.Call) -> None:
+        super().adopt(other)
+        self.shape = other.shape
 
 
 def fixed_point_layer(

@@ -8,7 +8,8 @@ go through it.
 
 from blackbox_diff.engine._call import Answers, Call
 from blackbox_diff.engine._functions import apply
+from blackbox_diff.engine._lift import Lifted, lift
 from blackbox_diff.engine._policy import choose_solver, solve_linear
 from blackbox_diff.engine._system import Linearization, System
 
-__all__ = ["Answers", "Call", "Linearization", "System", "apply", "choose_solver", "solve_linear"]
+__all__ = ["Answers", "Call", "Lifted", "Linearization", "System", "apply", "choose_solver", "lift", "solve_linear"]

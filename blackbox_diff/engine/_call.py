@@ -4,7 +4,7 @@ A `Call` is what the IFT core (`blackbox_diff.engine.apply`) runs inside its aut
 tensors: `answers` runs the black box for every instance (a per-instance solver through an executor, a
 batched torch solver, a Newton step), the residual and certificate functions state the optimality
 condition on flat unknowns, and `run` ties them together: answers -> certification -> `System` (and, when
-gradients may follow, the condition's graph at the answers, reused by a first-order backward).
+gradients may follow, whether the condition reaches trainable tensors by closure).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from blackbox_diff._errors import BlackBoxDiffError, CertificationError, InputError
-from blackbox_diff.engine._system import Linearization, Residual, System
+from blackbox_diff.engine._system import Residual, System
 
 __all__ = ["Answers", "Call"]
 
@@ -36,18 +36,21 @@ class Call(abc.ABC):
     """Base of a call's record. Subclasses say how to get answers and state the condition.
 
     Attributes set by the caller: options (`ImplicitOptions`-like), batched (per parameter), describe.
-    Attributes set by `run`: system, ok, linearization (first-order fast path), captures (whether the
-    residual reaches trainable tensors other than the parameters), shape (of one instance's unknowns).
+    Attributes set by `run`: system, ok, point (the ok rows' answers and parameters, detached), captures
+    (whether the residual reaches trainable tensors other than the parameters).
     """
 
     structure: str = "general"
     functional: bool = True
+    # Row independence of a natively batched residual is a claim (verified in the backward); see `System`.
+    independent: bool = True
+    foldable: bool = True
+    coupling_hint: str = ""
 
     def __init__(self, options: Any, batched: tuple[bool, ...], describe: str) -> None:
         self.options, self.batched, self.describe = options, tuple(batched), describe
         self.system: System | None = None
         self.ok: torch.Tensor | None = None
-        self.linearization: Linearization | None = None
         self.captures = False
         self.want_graph = False
         self.point: tuple[torch.Tensor, list[torch.Tensor]] | None = None
@@ -98,16 +101,15 @@ class Call(abc.ABC):
         """answers -> certification -> system; returns Z (B, n) with NaN rows for failed instances."""
         ans = self.answers(params)
         Z, ok = ans.Z, ans.ok.clone()
-        system = System(self.residual_fn(), ans.aux, self.batched, self.structure, self.options,
-                        self.describe, self.functional)
+        system = System(self.residual_fn(), ans.aux, self.batched, self.structure, self.options, self.describe,
+                        self.functional, self.independent, self.foldable, self.coupling_hint)
         self.system = system
         for _ in range(2):  # a second pass only when certification removed instances
             if not bool(ok.any()):
                 break
-            lin, R = self._evaluate(system, Z, params, ok)
+            R = self._evaluate(system, Z, params, ok)
             passed = self._certify(system, Z, params, ok, R)
             if bool(passed.all()):
-                self.linearization = lin
                 idx = torch.nonzero(ok).flatten()
                 full = bool(ok.all())
                 self.point = (Z.detach() if full else Z[idx].detach(),
@@ -120,21 +122,19 @@ class Call(abc.ABC):
             Z[~ok] = float("nan")
         return Z
 
-    def _evaluate(self, system: System, Z, params, ok) -> tuple[Linearization | None, torch.Tensor]:
-        """F at the answers of the ok rows; with its graph when a backward may follow."""
+    def _evaluate(self, system: System, Z, params, ok) -> torch.Tensor:
+        """F at the answers of the ok rows (detached). When a backward may follow, F is evaluated with
+        autograd on but every input detached: a result that still requires grad reaches trainable tensors
+        by closure (`captures`). No graph is kept: the backward rebuilds F's (one evaluation), so the memory
+        held between forward and backward is the answers and the parameters only."""
         idx = torch.nonzero(ok).flatten()
         full = bool(ok.all())
         sub = system if full else system.rows(idx)
-        Zs = Z if full else Z[idx]
-        Ps = list(params) if full else sub.params_rows(params, idx)
+        Zs = (Z if full else Z[idx]).detach()
+        Ps = [p.detach() for p in (list(params) if full else sub.params_rows(params, idx))]
         try:
-            if self.want_graph:
-                lin = Linearization(sub, Zs, Ps)
-                R, Zl, Pl = lin.graph()
-                self.captures = _reaches_other_leaves(R, [Zl, *Pl])
-                return lin, R.detach()
-            with torch.no_grad():
-                return None, sub(Zs, Ps)
+            with torch.set_grad_enabled(self.want_graph):
+                R = sub(Zs, Ps)
         except (BlackBoxDiffError, InputError):
             raise
         except Exception as err:
@@ -143,6 +143,8 @@ class Call(abc.ABC):
                 f"{err}. Check the residual's signature F(z, *params), that it is written in torch, and that it "
                 "accepts z of the shape the black box returns."
             ) from err
+        self.captures = bool(R.requires_grad)
+        return R.detach()
 
     def _certify(self, system: System, Z, params, ok, R: torch.Tensor) -> torch.Tensor:
         """Per ok row: does the answer satisfy the condition? Failing rows go through `fail`."""
@@ -198,19 +200,3 @@ class Call(abc.ABC):
         return u0 if same else None
 
 
-def _reaches_other_leaves(R: torch.Tensor, leaves: list[torch.Tensor]) -> bool:
-    """Whether R's graph reaches tensors that require grad other than `leaves` (closure captures)."""
-    own = {id(t) for t in leaves}
-    stack, seen = [R.grad_fn], set()
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        variable = getattr(node, "variable", None)
-        if variable is not None:  # AccumulateGrad: a leaf
-            if id(variable) not in own:
-                return True
-            continue
-        stack.extend(next_node for next_node, _ in node.next_functions)
-    return False

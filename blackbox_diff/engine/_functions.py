@@ -26,7 +26,7 @@ import torch
 from blackbox_diff._errors import BlackBoxDiffError
 from blackbox_diff.engine._call import Call
 from blackbox_diff.engine._policy import solve_linear
-from blackbox_diff.engine._system import Linearization, System, once
+from blackbox_diff.engine._system import Linearization, System, guard, once
 
 __all__ = ["apply"]
 
@@ -49,10 +49,12 @@ class _LinearProblem:
 
 
 def _solve_numeric(problem: _LinearProblem, rhs: torch.Tensor, Z: torch.Tensor, params) -> torch.Tensor:
-    lin = problem.linearization or Linearization(problem.system, Z.detach(), [p.detach() for p in params])
-    op = lin.vjp_z if problem.transpose else lin.jvp_z
-    x, _ = solve_linear(op, rhs.detach(), structure=problem.system.structure, options=problem.system.options,
-                        materialize=lambda: lin.dense(problem.transpose), what=problem.what)
+    system = problem.system
+    lin = problem.linearization or Linearization(system, Z.detach(), [p.detach() for p in params])
+    op, op_t = (lin.vjp_z, lin.jvp_z) if problem.transpose else (lin.jvp_z, lin.vjp_z)
+    x, _ = solve_linear(op, rhs.detach(), structure=system.structure, options=system.options,
+                        materialize=lambda: lin.dense(problem.transpose), what=problem.what, op_t=op_t,
+                        verify=None if system.independent else system.coupling_hint)
     return x
 
 
@@ -96,7 +98,7 @@ class _LinearSolve(torch.autograd.Function):
 
     @staticmethod
     def jvp(ctx, _, rhs_dot, Z_dot, __, *rest_dots):  # noqa: D102
-        x, Z, *rest = ctx.saved_tensors
+        x, Z, *rest = _primals(ctx.saved_tensors)
         n_aux, problem = ctx.n_aux, ctx.problem
         aux, params, P_dots = rest[:n_aux], rest[n_aux:], rest_dots[n_aux:]
         system = problem.system.with_aux(aux, problem.system.batched)
@@ -108,6 +110,15 @@ class _LinearSolve(torch.autograd.Function):
     @staticmethod
     def vmap(info, in_dims, problem, rhs, Z, n_aux, *rest):  # noqa: D102
         V = info.batch_size
+        if not problem.system.foldable:  # one vmap slice at a time
+            args = (rhs, Z, *rest)
+            dims = (in_dims[1], in_dims[2], *in_dims[4:])
+            outs = []
+            for v in range(V):
+                r, z, *more = [a if d is None else a.select(d, v) for a, d in zip(args, dims, strict=True)]
+                system = problem.system.with_aux(more[:n_aux], problem.system.batched)
+                outs.append(_linear_solve(system, problem.transpose, r, z, more[n_aux:]))
+            return torch.stack(outs), 0
         B = _logical_rows(Z, in_dims[2])
         aux = [_fold(a, d, V) for a, d in zip(rest[:n_aux], in_dims[4 : 4 + n_aux], strict=True)]
         P_m, batched = _fold_params(rest[n_aux:], in_dims[4 + n_aux :], problem.system.batched, V, B)
@@ -144,7 +155,7 @@ class _Solve(torch.autograd.Function):
 
     @staticmethod
     def jvp(ctx, _, *tangents):  # noqa: D102
-        Z, *rest = ctx.saved_tensors
+        Z, *rest = _primals(ctx.saved_tensors)
         aux, params = rest[: ctx.n_aux], rest[ctx.n_aux :]
         return (_solution_jvp(ctx.call, Z, aux, params, tangents), *[None] * ctx.n_aux)
 
@@ -177,8 +188,9 @@ class _ClosureLink(torch.autograd.Function):
         u = call.recall_adjoint(g) if not torch.is_grad_enabled() else None
         if u is None:
             Zs, Ps = call.point
-            u = _solve_numeric(_LinearProblem(_ok_system(call), True, call.linearization), g, Zs, Ps)
-        return None, once([-u], call.system, "tensors the condition captures by closure (pass them as parameters)")[0]
+            u = _solve_numeric(_LinearProblem(_ok_system(call), True), g, Zs, Ps)
+        return None, once([-u], call.system, "tensors the condition captures by closure (pass them as parameters)",
+                          inputs=[g])[0]
 
     @staticmethod
     def jvp(ctx, _, R_dot):  # noqa: D102
@@ -205,17 +217,21 @@ def apply(call: Call, params: Sequence[torch.Tensor]) -> tuple[torch.Tensor, tup
     """
     params = list(params)
     grad = torch.is_grad_enabled()
+    # Forward-mode AD does not reach into the Function's forward: tangents of captured tensors are seen
+    # only by evaluating F out here (torch.autograd.forward_ad keeps its level in this module variable).
+    forward_mode = getattr(torch.autograd.forward_ad, "_current_level", -1) >= 0
     call.want_graph = grad
     Z, *aux = _Solve.apply(call, *params)
     aux = tuple(aux)
-    if not (grad and call.captures and call.point is not None):
+    if not ((grad and call.captures) or forward_mode) or call.point is None:
         # A copy: the output is the caller's to modify in place; the saved answers are the backward's.
         return Z.clone(), aux
     Zs, Ps = call.point
     with torch.enable_grad():
         R = _ok_system(call)(Zs, Ps)
-    if not R.requires_grad:
-        return Z, aux
+    tangent = torch.autograd.forward_ad.unpack_dual(R).tangent if forward_mode else None
+    if not R.requires_grad and tangent is None:
+        return Z.clone(), aux
     link = _ClosureLink.apply(call, R)
     if bool(call.ok.all()):
         return Z + link, aux
@@ -256,26 +272,104 @@ def _nothing_ok(call: Call) -> bool:
     return call.ok is None or (not call.vmapped and not bool(call.ok.any()))
 
 
+def _primals(tensors) -> list[torch.Tensor]:
+    """Saved tensors without their torch.autograd.forward_ad tangents: a jvp rule computes the tangent
+    from the primals; tangents left on them would make torch differentiate that computation again."""
+    return [torch.autograd.forward_ad.unpack_dual(t).primal for t in tensors]
+
+
+def _wrapped(*tensors: torch.Tensor) -> bool:
+    """Whether a torch.func transform wrapped any of these tensors (torch's functorch predicate; where it
+    is missing, assume so: the transform-safe path is always correct)."""
+    predicate = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", None)
+    return predicate is None or any(predicate(t) for t in tensors if torch.is_tensor(t))
+
+
+def _plain(*tensors: torch.Tensor) -> bool:
+    """Whether a backward is a plain first-order one: no create_graph and no torch.func transform (whose
+    wrapped tensors the numeric fast path cannot read)."""
+    return not torch.is_grad_enabled() and not _wrapped(*tensors)
+
+
 def _solution_vjp(call: Call, Z, aux, params, g, needs) -> list[torch.Tensor | None]:
     """-K^T u with J^T u = g, on the ok rows; zeros for the failed ones."""
     if _nothing_ok(call):
         return [None] * len(params)
     idx, sub, Zs, Ps, (gs,) = _restrict(call, Z, aux, params, (g,))
-    if not torch.is_grad_enabled():  # first order: reuse the forward's graph, plain numerics
-        lin = call.linearization or Linearization(sub, Zs.detach(), [p.detach() for p in Ps])
+    plain = _plain(g, Zs, *Ps)
+    if not sub.functional and _wrapped(g, Zs, *Ps):
+        raise BlackBoxDiffError(
+            f"torch.func transforms through the {sub.describe} condition are not supported: its residual is "
+            "evaluated outside torch (a once-differentiable operator). Use torch.autograd (backward, "
+            "autograd.grad, forward_ad) on it, which gives first derivatives and forward mode."
+        )
+    if plain:  # first order: one graph of F, plain numerics
+        lin = Linearization(sub, Zs.detach(), [p.detach() for p in Ps])
         u = _solve_numeric(_LinearProblem(sub, True, lin), gs, Zs, Ps)
         call.remember_adjoint(gs, u)
-        grads = lin.vjp_params_graph(u, needs)
+        grads = [None if gr is None else -gr for gr in lin.vjp_params_graph(u, needs)]
+    elif not sub.functional:  # create_graph through a condition torch differentiates once
+        wanted = [i for i, need in enumerate(needs) if need]
+        # z and the parameters reach the gradients through a guard that raises if a second derivative needs
+        # them; the cotangent's path (the transpose, i.e. forward mode) stays exact.
+        Zg, *Pg = guard([Zs, *Ps], sub)
+        grads = [None] * len(params)
+        for i, gr in zip(wanted, _ParamGrad.apply(_ParamGradProblem(sub, wanted), gs, Zg, *Pg), strict=True):
+            grads[i] = gr
     else:
         u = _linear_solve(sub, True, gs, Zs, Ps)
-        grads = Linearization(sub, Zs, Ps).vjp_params(u)
+        grads = [-gr for gr in Linearization(sub, Zs, Ps).vjp_params(u)]
     out: list[torch.Tensor | None] = []
     for gr, p, b, need in zip(grads, params, call.batched, needs, strict=True):
         if gr is None or not need:
             out.append(None)
             continue
-        out.append(-_scatter(gr, idx, p) if b else -gr)
+        out.append(_scatter(gr, idx, p) if b else gr)
     return out
+
+
+@dataclasses.dataclass(eq=False)
+class _ParamGradProblem:
+    system: System
+    wanted: list[int]
+
+
+class _ParamGrad(torch.autograd.Function):
+    """-(dF/dp)^T u with J^T u = g, for a condition torch differentiates once: differentiable in the
+    cotangent g (its transpose is forward mode, -J^{-1} (dF/dp) p', which needs first derivatives only),
+    and a clear error for derivatives in z or the parameters (second derivatives of the condition).
+    Inputs: (problem, g, Z, *params); outputs: the gradients of the parameters `problem.wanted`."""
+
+    @staticmethod
+    def forward(problem, g, Z, *params):  # noqa: D102
+        sub = problem.system
+        lin = Linearization(sub, Z.detach(), [p.detach() for p in params])
+        u = _solve_numeric(_LinearProblem(sub, True, lin), g, Z, params)
+        needs = [i in problem.wanted for i in range(len(params))]
+        grads = lin.vjp_params_graph(u, needs)
+        return tuple(-grads[i] if grads[i] is not None else torch.zeros_like(params[i]) for i in problem.wanted)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):  # noqa: D102
+        problem, _, Z, *params = inputs
+        ctx.problem = problem
+        ctx.save_for_backward(Z, *params)
+
+    @staticmethod
+    def backward(ctx, *grad_bars):  # noqa: D102
+        problem = ctx.problem
+        Z, *params = ctx.saved_tensors
+        dots: list[torch.Tensor | None] = [None] * len(params)
+        for i, gb in zip(problem.wanted, grad_bars, strict=True):
+            dots[i] = gb
+        lin = Linearization(problem.system, Z.detach(), [p.detach() for p in params])
+        r = lin.jvp_params(dots)
+        v = _solve_numeric(_LinearProblem(problem.system, False, lin), r, Z, params)
+        # z and the parameters came through `guard`: zeros here reach it only if a second derivative of the
+        # condition is requested, and it raises then.
+        zeros = [None if not need else torch.zeros_like(t) for need, t in zip(ctx.needs_input_grad[2:], [Z, *params],
+                                                                             strict=True)]
+        return (None, -v, *zeros)
 
 
 def _solution_jvp(call: Call, Z, aux, params, tangents) -> torch.Tensor:

@@ -26,7 +26,7 @@ import torch
 from blackbox_diff import linalg
 from blackbox_diff._errors import BlackBoxDiffError
 
-__all__ = ["Linearization", "System", "once"]
+__all__ = ["Linearization", "System", "guard", "once"]
 
 # residual(Z, aux, params, batched) -> (B, n); `batched` says which parameters carry the batch in dim 0.
 Residual = Callable[[torch.Tensor, tuple, Sequence[torch.Tensor], tuple], torch.Tensor]
@@ -47,6 +47,12 @@ class System:
         describe: the condition's name, for messages.
         functional: whether `residual` composes with torch.func transforms (False for residuals that call
             external code through once-differentiable autograd.Functions).
+        independent: whether row independence holds by construction (a per-instance condition mapped over
+            the batch). When it is only claimed (a batched field that should act row by row: DEQ, odeint
+            with batch_dims), dense adjoint solutions are verified against the exact operator.
+        foldable: whether `residual` accepts any number of rows (vmap then folds its dimension into the
+            batch); otherwise vmapped linear solves run one vmap slice at a time.
+        coupling_hint: what to tell the user when the rows turn out to be coupled.
     """
 
     residual: Residual
@@ -56,6 +62,9 @@ class System:
     options: Any
     describe: str = "condition"
     functional: bool = True
+    independent: bool = True
+    foldable: bool = True
+    coupling_hint: str = ""
 
     def rows(self, idx: torch.Tensor) -> System:
         """The system of the instances `idx` only."""
@@ -178,7 +187,8 @@ class Linearization:
         """(dF/dparams)^T u, differentiable in u, Z and params."""
         if not self.system.functional:
             return once([g if g is not None else torch.zeros_like(p)
-                          for g, p in zip(self.vjp_params_graph(u), self.params, strict=True)], self.system)
+                          for g, p in zip(self.vjp_params_graph(u), self.params, strict=True)], self.system,
+                        inputs=[self.Z, *self.params, u])
         _, fn = torch.func.vjp(lambda *P: self._F(self.Z, *P), *self.params)
         return list(fn(u))
 
@@ -255,11 +265,11 @@ class Linearization:
 
 
 class _Once(torch.autograd.Function):
-    """Identity whose derivative raises: marks a gradient that torch cannot differentiate again."""
+    """x, attached to `anchors`; its derivative raises: marks a gradient torch cannot differentiate again."""
 
     @staticmethod
-    def forward(x, message):  # noqa: D102
-        return x.view_as(x)
+    def forward(x, message, *anchors):  # noqa: D102
+        return x.clone()
 
     @staticmethod
     def setup_context(ctx, inputs, output):  # noqa: D102
@@ -270,17 +280,30 @@ class _Once(torch.autograd.Function):
         raise BlackBoxDiffError(ctx.message)
 
     @staticmethod
-    def jvp(ctx, t, _):  # noqa: D102
+    def jvp(ctx, *tangents):  # noqa: D102
         raise BlackBoxDiffError(ctx.message)
 
 
-def once(grads: list[torch.Tensor], system: System, what: str | None = None) -> list[torch.Tensor]:
+def guard(tensors: list[torch.Tensor], system: System) -> list[torch.Tensor]:
+    """`tensors` behind an identity whose derivative raises the "second derivatives not supported" error of
+    a condition evaluated outside torch (only if a derivative actually flows through it)."""
+    message = (
+        f"Second derivatives through the {system.describe} condition are not supported: its residual is "
+        "evaluated outside torch (a once-differentiable operator). First-order gradients and forward mode work."
+    )
+    return [_Once.apply(t, message) if t.requires_grad else t for t in tensors]
+
+
+def once(grads: list[torch.Tensor], system: System, what: str | None = None,
+         inputs: Sequence[torch.Tensor] = ()) -> list[torch.Tensor]:
     """`grads` as they are, marked so that differentiating them again raises a clear error.
 
     Args:
         grads: first-order gradients computed without a differentiable graph.
         system: the system they belong to (its name goes into the message).
         what: what is unsupported; default: a condition evaluated outside torch.
+        inputs: the tensors the gradients truly depend on (the answers, the parameters): the mark hangs
+            from them, so that differentiating the gradients with respect to them reaches it.
     """
     if not torch.is_grad_enabled():
         return grads
@@ -292,4 +315,5 @@ def once(grads: list[torch.Tensor], system: System, what: str | None = None) -> 
         f"Second derivatives through the {system.describe} condition are not supported: {reason}. First-order "
         "gradients and forward mode work."
     )
-    return [_Once.apply(g, message) for g in grads]
+    anchors = [t for t in inputs if torch.is_tensor(t) and t.requires_grad]
+    return [_Once.apply(g, message, *anchors) for g in grads]

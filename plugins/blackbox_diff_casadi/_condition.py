@@ -105,6 +105,8 @@ class CasadiKKT(AbstractCondition):
     """KKT conditions of a CasADi NLP on the active set identified from slacks and multipliers."""
 
     raw_solution = True
+    # The residual is evaluated by CasADi inside a once-differentiable autograd.Function.
+    functional = False
 
     def __init__(self, kernels: KKTKernels, *, adjoint: str = "sparse_lu", polish: bool = True) -> None:
         self.kernels, self.adjoint, self.polish = kernels, adjoint, polish
