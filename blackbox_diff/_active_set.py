@@ -17,7 +17,7 @@ from blackbox_diff._batching import owned_tensor
 from blackbox_diff._conditions import KKTSolution
 from blackbox_diff._errors import SolverError
 
-__all__ = ["classify", "kkt_unknowns", "recover_multipliers"]
+__all__ = ["classify", "kkt_unknowns", "recover_multipliers", "warn_weakly_active"]
 
 # A constraint is a candidate for the active set during multiplier recovery when its slack is below this
 # (relative to 1 + max|x|). Generous on purpose: the bounded least squares decides which candidates carry
@@ -43,6 +43,24 @@ def classify(g: torch.Tensor, lam: torch.Tensor, tol: float) -> tuple[torch.Tens
     weak = (slack <= tol) & (lam <= tol)
     strong = (lam > slack) & (lam > tol)
     return strong | weak, weak
+
+
+def warn_weakly_active(subject: str, indices: list, tol: str, returned: str, stacklevel: int = 2) -> None:
+    """The one warning for weakly active constraints (`classify`'s `weak`), shared by every active-set user.
+
+    Args:
+        subject: what the indices number, e.g. "KKT: inequality constraints".
+        indices: the weakly active ones.
+        tol: the threshold as shown, e.g. "active_tol=1e-07".
+        returned: which derivative the gradient is, e.g. "the one-sided derivative that keeps them active".
+        stacklevel: as for `warnings.warn`, counted from the caller of this function.
+    """
+    warnings.warn(
+        f"{subject} {indices} are weakly active (slack and multiplier both <= {tol}). The solution map is not "
+        f"differentiable there; the gradient returned is {returned}.",
+        RuntimeWarning,
+        stacklevel=stacklevel + 1,
+    )
 
 
 def _jacobians(cond, x: torch.Tensor, params: tuple) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -119,14 +137,9 @@ def kkt_unknowns(cond, solution: Any, params: tuple, options: Any) -> tuple[torc
     lam = x.new_zeros(0) if lam is None else lam
     active, weak = classify(g, lam, options.active_tol)
     if bool(weak.any()):
-        idx = torch.nonzero(weak).flatten().tolist()
-        warnings.warn(
-            f"KKT: inequality constraints {idx} are weakly active (slack and multiplier both <= "
-            f"active_tol={options.active_tol:g}). The solution map is not differentiable there; the gradient "
-            "returned is the one-sided derivative that keeps them active.",
-            RuntimeWarning,
-            stacklevel=6,
-        )
+        warn_weakly_active("KKT: inequality constraints", torch.nonzero(weak).flatten().tolist(),
+                           f"active_tol={options.active_tol:g}", "the one-sided derivative that keeps them active",
+                           stacklevel=6)
     a = active.to(x.dtype)
     z = torch.cat([x.reshape(-1), nu, a * lam])
     return z, (a,)

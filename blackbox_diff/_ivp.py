@@ -11,31 +11,80 @@ its steps:
   ``lambda' = -(df/dy)^T lambda``, ``mu' = -(df/dp)^T lambda`` backward in time with jumps
   ``lambda += g_k`` at the output times. Cost independent of the number of parameters.
 
-The Jacobians df/dy and df/dp are evaluated by torch (func is written in torch) at float64 on the CPU.
+"p" is every tensor the field's gradient can reach: the ``*params`` passed explicitly, and the tensors
+that require grad which func uses without receiving them (weights captured by a closure, a module's
+Parameters, a hypernetwork's output). The latter are found by running func once at (t0, y0) under a
+`TorchFunctionMode` that records the tensor arguments of every torch operation. The output times get
+gradients too: dL/dt_k = g_k . f(t_k, y(t_k)) for k >= 1 and dL/dt_0 = -(dL/dy0 - g_0) . f(t_0, y0).
+
+The Jacobians df/dy and df/dp are evaluated by torch at float64 on the CPU. The integration loop is
+scipy's OdeSolver stepped here (as solve_ivp does) so that a step cap, a time limit and a stalled step
+size (LSODA steps forever at a finite-time blow-up) end in a `SolverError`.
 """
 
 from __future__ import annotations
 
-import math
+import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
 import torch
+from torch.overrides import TorchFunctionMode
 
-from blackbox_diff._errors import InputError, SolverError
+from blackbox_diff._errors import BlackBoxDiffError, InputError, SolverError
 
 __all__ = ["solve_ivp_layer"]
 
+METHODS = ("RK23", "RK45", "DOP853", "Radau", "BDF", "LSODA")
+_IMPLICIT = ("Radau", "BDF", "LSODA")  # the methods that take a Jacobian
+_STALL_STEPS = 20  # consecutive steps without progress in t that count as a stalled integration
+
+
+class _Capture(TorchFunctionMode):
+    """Records the tensors requiring grad that torch operations receive from outside the call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.found: dict[int, torch.Tensor] = {}
+        self._made: dict[int, torch.Tensor] = {}  # outputs of the call, kept alive so ids stay unique
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        for x in _tensors((args, kwargs)):
+            if x.requires_grad and id(x) not in self._made:
+                self.found.setdefault(id(x), x)
+        for x in _tensors(out):
+            self._made[id(x)] = x
+        return out
+
+
+def _tensors(obj: Any) -> list[torch.Tensor]:
+    if torch.is_tensor(obj):
+        return [obj]
+    if isinstance(obj, (list, tuple)):
+        return [t for o in obj for t in _tensors(o)]
+    if isinstance(obj, dict):
+        return [t for o in obj.values() for t in _tensors(o)]
+    return []
+
 
 class _Field:
-    """func on numpy float64, with its Jacobians with respect to y and the flat parameter vector."""
+    """func on numpy float64, with its Jacobians with respect to y and the flat parameter vector.
 
-    def __init__(self, func: Callable, params: list[torch.Tensor]) -> None:
+    The parameter vector p holds the explicit params (passed to func); the captured tensors follow it
+    in the Jacobian's columns but are used by func directly, so their columns come from autograd on the
+    tensors themselves.
+    """
+
+    def __init__(self, func: Callable, params: list[torch.Tensor], captured: list[torch.Tensor]) -> None:
         self.func = func
         self.shapes = [p.shape for p in params]
         self.sizes = [p.numel() for p in params]
-        self.P = sum(self.sizes)
+        self.captured = captured
+        self.P = sum(self.sizes) + sum(c.numel() for c in captured)
 
     def _unflat(self, p: torch.Tensor) -> list[torch.Tensor]:
         return [q.reshape(s) for q, s in zip(torch.split(p, self.sizes), self.shapes, strict=True)]
@@ -44,44 +93,115 @@ class _Field:
         return self.func(t, y, *self._unflat(p)).reshape(-1)
 
     def value(self, t: float, y: np.ndarray, p: torch.Tensor) -> np.ndarray:
-        with torch.no_grad():
-            return self._f(torch.tensor(t, dtype=torch.float64), torch.from_numpy(y), p).numpy()
+        try:
+            with torch.no_grad():
+                return self._f(torch.tensor(t, dtype=torch.float64), torch.from_numpy(np.array(y)), p).numpy()
+        except BlackBoxDiffError:
+            raise
+        except Exception as err:
+            raise SolverError(f"solve_ivp_layer: func raised {type(err).__name__} at t = {t:.6g}: {err}") from err
 
     def jacobians(self, t: float, y: np.ndarray, p: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        try:
+            return self._jacobians(t, y, p)
+        except BlackBoxDiffError:
+            raise
+        except Exception as err:
+            raise SolverError(
+                f"solve_ivp_layer: differentiating func raised {type(err).__name__} at t = {t:.6g}: {err}"
+            ) from err
+
+    def _jacobians(self, t: float, y: np.ndarray, p: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         # One forward and one batched reverse sweep (d cotangents at once): far cheaper than
         # torch.func.jacrev's set-up for small d, and this runs at every right-hand-side evaluation.
         tt = torch.tensor(t, dtype=torch.float64)
         yy = torch.from_numpy(np.array(y)).requires_grad_(True)
         pp = p.detach().clone().requires_grad_(True)
+        inputs = (yy, pp, *self.captured)
         d = yy.numel()
         with torch.enable_grad():
             f = self._f(tt, yy, pp)
             eye = torch.eye(d, dtype=f.dtype)
             try:
-                gy, gp = torch.autograd.grad(f, (yy, pp), eye, is_grads_batched=True, allow_unused=True)
+                grads = torch.autograd.grad(f, inputs, eye, is_grads_batched=True, allow_unused=True)
             except RuntimeError:  # an op without a batching rule: one sweep per output
-                rows = [torch.autograd.grad(f, (yy, pp), eye[i], retain_graph=True, allow_unused=True)
-                        for i in range(d)]
-                gy = None if rows[0][0] is None else torch.stack([r[0] for r in rows])
-                gp = None if rows[0][1] is None else torch.stack([r[1] for r in rows])
-        Jy = np.zeros((d, d)) if gy is None else gy.numpy()
-        Jp = np.zeros((d, self.P)) if gp is None else gp.numpy()
-        return f.detach().numpy(), Jy, Jp
+                rows = [torch.autograd.grad(f, inputs, eye[i], retain_graph=True, allow_unused=True) for i in range(d)]
+                grads = [None if rows[0][j] is None else torch.stack([r[j] for r in rows]) for j in range(len(inputs))]
+        Jy = np.zeros((d, d)) if grads[0] is None else grads[0].numpy()
+        blocks = [np.zeros((d, n)) if g is None else g.reshape(d, n).detach().double().cpu().numpy()
+                  for g, n in zip(grads[1:], [pp.numel()] + [c.numel() for c in self.captured], strict=True)]
+        return f.detach().numpy(), Jy, np.concatenate(blocks, axis=1)
 
 
-def _integrate(rhs, jac, t_span, x0, t_eval, method, rtol, atol, dense=False):
+@dataclass(frozen=True)
+class _Settings:
+    method: Any
+    rtol: float
+    atol: float
+    sensitivity: str
+    max_steps: int | None
+    timeout: float | None
+
+
+def _integrate(rhs, jac, t_span, x0, t_eval, s: _Settings, dense: bool = False):
+    """Step scipy's solver from t_span[0] to t_span[1]; (values at t_eval, dense solution or None)."""
     import scipy.integrate
 
-    sol = scipy.integrate.solve_ivp(
-        rhs, t_span, x0, method=method, t_eval=t_eval, rtol=rtol, atol=atol, dense_output=dense,
-        **({"jac": jac} if method in ("Radau", "BDF", "LSODA") else {}),
-    )
-    if not sol.success:
-        raise SolverError(f"scipy.integrate.solve_ivp ({method}) failed: {sol.message}", status=sol.status)
-    return sol
+    cls = getattr(scipy.integrate, s.method) if isinstance(s.method, str) else s.method
+    name = s.method if isinstance(s.method, str) else cls.__name__
+    kw = {"jac": jac} if name in _IMPLICIT else {}
+    solver = cls(rhs, t_span[0], x0, t_span[1], rtol=s.rtol, atol=s.atol, **kw)
+    direction = 1.0 if t_span[1] >= t_span[0] else -1.0
+    t_eval = np.asarray([] if t_eval is None else t_eval, dtype=np.float64)
+    Y = np.empty((t_eval.size, x0.size))
+    nxt = 0
+    while nxt < t_eval.size and (t_eval[nxt] - t_span[0]) * direction <= 0:
+        Y[nxt], nxt = x0, nxt + 1
+    ts, interpolants = [t_span[0]], []
+    steps, stalled, start = 0, 0, time.monotonic()
+    while solver.status == "running":
+        try:
+            message = solver.step()
+        except BlackBoxDiffError:
+            raise
+        except Exception as err:  # scipy's own failures (a singular Newton matrix, ...): never bare
+            raise SolverError(f"scipy.integrate.solve_ivp ({name}) failed: {type(err).__name__}: {err} at "
+                              f"t = {solver.t:.6g}", status=-1) from err
+        steps += 1
+        if solver.status == "failed":
+            raise SolverError(f"scipy.integrate.solve_ivp ({name}) failed: {message}", status=-1)
+        stalled = stalled + 1 if solver.t == solver.t_old or solver.step_size == 0 else 0
+        _check_progress(solver, name, steps, stalled, time.monotonic() - start, s)
+        if dense or (nxt < t_eval.size and (t_eval[nxt] - solver.t) * direction <= 0):
+            interp = solver.dense_output()
+            if dense:
+                ts.append(solver.t)
+                interpolants.append(interp)
+            while nxt < t_eval.size and (t_eval[nxt] - solver.t) * direction <= 0:
+                Y[nxt], nxt = (solver.y if t_eval[nxt] == solver.t else interp(t_eval[nxt])), nxt + 1
+    return Y, (scipy.integrate.OdeSolution(ts, interpolants) if dense else None)
 
 
-def _forward_sensitivity(field: _Field, y0, p, t, method, rtol, atol):
+def _check_progress(solver, name: str, steps: int, stalled: int, elapsed: float, s: _Settings) -> None:
+    where = f"at t = {solver.t:.6g} (max|y| = {np.max(np.abs(solver.y), initial=0.0):.3g})"
+    if not np.all(np.isfinite(solver.y)):
+        raise SolverError(f"solve_ivp_layer ({name}): the solution became non-finite {where}. The solution "
+                          "probably blows up there; integrate to an earlier time.", status="non-finite")
+    if stalled >= _STALL_STEPS:
+        raise SolverError(f"solve_ivp_layer ({name}): the step size fell to zero {where} and the integration "
+                          "stopped making progress: the solution probably blows up in finite time there. "
+                          "Integrate to an earlier time.", status="stalled")
+    if solver.status == "running" and s.max_steps is not None and steps >= s.max_steps:
+        raise SolverError(f"solve_ivp_layer ({name}): max_steps={s.max_steps} steps taken, stopped {where} "
+                          "before the final time. Raise max_steps, or check for a blow-up or stiffness "
+                          "(method='Radau' or 'BDF').", status="max_steps")
+    if solver.status == "running" and s.timeout is not None and elapsed > s.timeout:
+        raise SolverError(f"solve_ivp_layer ({name}): timeout={s.timeout:g} s exceeded after {steps} steps, "
+                          f"stopped {where}. Raise timeout, or check for a blow-up or stiffness.",
+                          status="timeout")
+
+
+def _forward_sensitivity(field: _Field, y0, p, t, s: _Settings):
     d, P = y0.size, field.P
     m = d + P
 
@@ -99,73 +219,167 @@ def _forward_sensitivity(field: _Field, y0, p, t, method, rtol, atol):
         return scipy.linalg.block_diag(Jy, np.kron(Jy, np.eye(m)))
 
     S0 = np.concatenate([np.eye(d), np.zeros((d, P))], axis=1)
-    sol = _integrate(rhs, jac, (t[0], t[-1]), np.concatenate([y0, S0.reshape(-1)]), t, method, rtol, atol)
-    Y = sol.y[:d].T
-    S = sol.y[d:].T.reshape(len(t), d, m)
-    return Y, S
+    X, _ = _integrate(rhs, jac, (t[0], t[-1]), np.concatenate([y0, S0.reshape(-1)]), t, s)
+    return X[:, :d], X[:, d:].reshape(len(t), d, m)
 
 
-def _adjoint(field: _Field, traj, p, t, G, method, rtol, atol):
+def _adjoint(field: _Field, traj, p, t, G, s: _Settings):
     """lambda(t_0) and mu(t_0) for the loss sum_k g_k . y(t_k), integrating backward in time."""
     d, P = G.shape[1], field.P
     lam, mu = G[-1].copy(), np.zeros(P)
 
     def rhs(tau, x):
-        _, Jy, Jp = field.jacobians(tau, traj.sol(tau), p)
+        _, Jy, Jp = field.jacobians(tau, traj(tau), p)
         lam_ = x[:d]
         return np.concatenate([-Jy.T @ lam_, -Jp.T @ lam_])
 
     def jac(tau, x):
-        _, Jy, _ = field.jacobians(tau, traj.sol(tau), p)
+        _, Jy, _ = field.jacobians(tau, traj(tau), p)
         out = np.zeros((d + P, d + P))
         out[:d, :d] = -Jy.T
         return out
 
     for k in range(len(t) - 1, 0, -1):
-        x0 = np.concatenate([lam, mu])
-        sol = _integrate(rhs, jac, (t[k], t[k - 1]), x0, None, method, rtol, atol)
-        lam, mu = sol.y[:d, -1] + G[k - 1], sol.y[d:, -1]
+        X, _ = _integrate(rhs, jac, (t[k], t[k - 1]), np.concatenate([lam, mu]), [t[k - 1]], s)
+        lam, mu = X[-1, :d] + G[k - 1], X[-1, d:]
     return lam, mu
 
 
 class _IVP(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, field, y0, t, method, rtol, atol, sensitivity, *params):  # noqa: D102
-        p = torch.cat([q.detach().reshape(-1).double().cpu() for q in params]) if params else torch.zeros(0)
+    def forward(ctx, field, settings, tt, y0, t, *params):  # noqa: D102
+        # params: the explicit ones, then the captured ones (inputs so that autograd routes their grads).
+        n = len(field.sizes)
+        explicit = params[:n]
+        p = torch.cat([q.detach().reshape(-1).double().cpu() for q in explicit]) if explicit else torch.zeros(0)
         y0n = y0.detach().double().cpu().numpy().reshape(-1)
-        if sensitivity == "forward":
-            Y, S = _forward_sensitivity(field, y0n, p, t, method, rtol, atol)
-            ctx.S = S
+        if settings.sensitivity == "forward":
+            Y, ctx.S = _forward_sensitivity(field, y0n, p, tt, settings)
         else:
             rhs = lambda tau, y: field.value(tau, y, p)  # noqa: E731
             jac = lambda tau, y: field.jacobians(tau, y, p)[1]  # noqa: E731
-            traj = _integrate(rhs, jac, (t[0], t[-1]), y0n, t, method, rtol, atol, dense=True)
-            Y = traj.y.T
-            ctx.traj = traj
-        ctx.field, ctx.p, ctx.t, ctx.args = field, p, t, (method, rtol, atol, sensitivity)
-        ctx.like = [(q.dtype, q.device, q.shape) for q in params]
+            Y, ctx.traj = _integrate(rhs, jac, (tt[0], tt[-1]), y0n, tt, settings, dense=True)
+        ctx.save_for_backward(*params)  # torch's version check: a parameter changed in place is refused
+        ctx.field, ctx.settings, ctx.p, ctx.tt, ctx.Y = field, settings, p, tt, Y
+        ctx.t_like = None if t is None else (t.dtype, t.device, t.shape)
         ctx.y0like = (y0.dtype, y0.device, y0.shape)
-        return torch.as_tensor(Y, dtype=y0.dtype, device=y0.device).reshape(len(t), *y0.shape)
+        return torch.as_tensor(Y, dtype=y0.dtype, device=y0.device).reshape(len(tt), *y0.shape)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g):  # noqa: D102
-        method, rtol, atol, sensitivity = ctx.args
-        G = g.detach().double().cpu().reshape(len(ctx.t), -1).numpy()
+        params = ctx.saved_tensors
+        field, s, tt = ctx.field, ctx.settings, ctx.tt
+        G = g.detach().double().cpu().reshape(len(tt), -1).numpy()
         d = G.shape[1]
-        if sensitivity == "forward":
+        if s.sensitivity == "forward":
             total = np.einsum("kim,ki->m", ctx.S, G)
             g_y0, g_p = total[:d], total[d:]
         else:
-            g_y0, g_p = _adjoint(ctx.field, ctx.traj, ctx.p, ctx.t, G, method, rtol, atol)
+            g_y0, g_p = _adjoint(field, ctx.traj, ctx.p, tt, G, s)
         dt, dev, shape = ctx.y0like
         grads = [torch.as_tensor(g_y0, dtype=dt, device=dev).reshape(shape)]
         offset = 0
-        for dt, dev, shape in ctx.like:
-            n = math.prod(shape)
-            grads.append(torch.as_tensor(g_p[offset : offset + n], dtype=dt, device=dev).reshape(shape))
-            offset += n
-        return (None, grads[0], None, None, None, None, None, *grads[1:])
+        for q in params:
+            grads.append(torch.as_tensor(g_p[offset : offset + q.numel()], dtype=q.dtype, device=q.device)
+                         .reshape(q.shape))
+            offset += q.numel()
+        return (None, None, None, grads[0], _time_gradient(ctx, G, g_y0), *grads[1:])
+
+
+def _time_gradient(ctx, G: np.ndarray, g_y0: np.ndarray) -> torch.Tensor | None:
+    """dL/dt_k = g_k . f(t_k, y_k) for k >= 1; dL/dt_0 = -(dL/dy0 - g_0) . f(t_0, y_0)."""
+    if ctx.t_like is None or not ctx.needs_input_grad[4]:
+        return None
+    F = np.stack([ctx.field.value(tk, yk, ctx.p) for tk, yk in zip(ctx.tt, ctx.Y, strict=True)])
+    out = np.einsum("ki,ki->k", G, F)
+    out[0] = -(g_y0 - G[0]) @ F[0]
+    dtype, device, shape = ctx.t_like
+    return torch.as_tensor(out, dtype=dtype, device=device).reshape(shape)
+
+
+def _probe(func: Callable, t0: float, y0: np.ndarray, params: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Run func once at (t0, y0): check what it returns; the tensors requiring grad it uses from outside."""
+    d = y0.size
+    capture = _Capture()
+    views = [q.detach().double().cpu() for q in params]
+    try:
+        with capture:
+            out = func(torch.tensor(t0, dtype=torch.float64), torch.from_numpy(y0.copy()), *views)
+    except BlackBoxDiffError:
+        raise
+    except Exception as err:
+        raise InputError(
+            f"solve_ivp_layer: func(t0, y0, *params) raised {type(err).__name__}: {err}. func receives t (a 0-d "
+            f"float64 tensor), y (a float64 tensor of shape ({d},)) and the params as float64 CPU tensors; the "
+            "tensors it uses from outside (module weights) must be float64 CPU tensors too (module.double().cpu())."
+        ) from err
+    if not torch.is_tensor(out):
+        raise InputError(
+            f"solve_ivp_layer: func must return dy/dt as a torch tensor; it returned {type(out).__name__}. Build "
+            "it with torch operations, e.g. torch.stack([...]) of the components."
+        )
+    if out.dtype != torch.float64:
+        raise InputError(
+            f"solve_ivp_layer: func returned a {out.dtype} tensor; the integration runs in float64. Make its "
+            "constants and modules float64 (module.double(), torch.tensor(..., dtype=torch.float64))."
+        )
+    if out.numel() != d:
+        raise InputError(
+            f"solve_ivp_layer: func returned shape {tuple(out.shape)}; expected {d} values (shape ({d},)), one "
+            "derivative per entry of y0."
+        )
+    if not bool(torch.isfinite(out).all()):
+        raise InputError(f"solve_ivp_layer: func(t0, y0, *params) is not finite: {out.detach().tolist()[:6]}.")
+    ours = {id(q) for q in params}
+    return [c for c in capture.found.values() if id(c) not in ours] if torch.is_grad_enabled() else []
+
+
+def _check_inputs(y0, t, params, settings: _Settings) -> np.ndarray:
+    if not torch.is_tensor(y0) or y0.dim() != 1 or not y0.is_floating_point():
+        raise InputError(
+            f"solve_ivp_layer: y0 must be a 1-D floating-point tensor; got "
+            f"{tuple(y0.shape) if torch.is_tensor(y0) else type(y0).__name__}. Flatten the state first."
+        )
+    if y0.numel() == 0:
+        raise InputError("solve_ivp_layer: y0 is empty; the state needs at least one entry.")
+    if not bool(torch.isfinite(y0).all()):
+        raise InputError("solve_ivp_layer: y0 contains NaN or Inf.")
+    try:
+        tt = np.asarray(t.detach().cpu() if torch.is_tensor(t) else t, dtype=np.float64).reshape(-1)
+    except (TypeError, ValueError) as err:
+        raise InputError(f"solve_ivp_layer: t must be a 1-D array of times; got {t!r}.") from err
+    if tt.size < 2 or not np.all(np.diff(tt) > 0):
+        raise InputError(
+            "solve_ivp_layer: t must be 1-D, strictly increasing, with at least two times (t[0] is the start); "
+            f"got {tt.tolist()[:6]}."
+        )
+    if settings.sensitivity not in ("forward", "adjoint"):
+        raise InputError(f"solve_ivp_layer: sensitivity must be 'forward' or 'adjoint'; got {settings.sensitivity!r}.")
+    _check_settings(settings)
+    for i, q in enumerate(params):
+        if not torch.is_tensor(q) or not q.is_floating_point():
+            raise InputError(f"solve_ivp_layer: parameter {i} must be a floating-point tensor; got {type(q).__name__}.")
+        if not bool(torch.isfinite(q).all()):
+            raise InputError(f"solve_ivp_layer: parameter {i} contains NaN or Inf.")
+    return tt
+
+
+def _check_settings(s: _Settings) -> None:
+    import scipy.integrate
+
+    if not (s.method in METHODS or (isinstance(s.method, type) and issubclass(s.method, scipy.integrate.OdeSolver))):
+        raise InputError(
+            f"solve_ivp_layer: method must be one of {METHODS} or a scipy.integrate.OdeSolver subclass; "
+            f"got {s.method!r}."
+        )
+    for name, value in (("rtol", s.rtol), ("atol", s.atol)):
+        if not isinstance(value, (int, float)) or not value > 0:
+            raise InputError(f"solve_ivp_layer: {name} must be a positive number; got {value!r}.")
+    if s.max_steps is not None and (not isinstance(s.max_steps, int) or s.max_steps < 1):
+        raise InputError(f"solve_ivp_layer: max_steps must be a positive integer or None; got {s.max_steps!r}.")
+    if s.timeout is not None and (not isinstance(s.timeout, (int, float)) or not s.timeout > 0):
+        raise InputError(f"solve_ivp_layer: timeout must be a positive number of seconds or None; got {s.timeout!r}.")
 
 
 def solve_ivp_layer(
@@ -177,40 +391,43 @@ def solve_ivp_layer(
     rtol: float = 1e-8,
     atol: float = 1e-10,
     sensitivity: Literal["forward", "adjoint"] = "forward",
+    max_steps: int | None = None,
+    timeout: float | None = None,
 ) -> torch.Tensor:
-    """y(t_k) from `scipy.integrate.solve_ivp`, differentiable with respect to y0 and params.
+    """y(t_k) from scipy's integrators, differentiable with respect to y0, params, captured weights and t.
+
+    Gradients reach every tensor requiring grad that func uses: the ``*params`` it receives, and the
+    tensors it reaches by itself (a closure over a module, ``lambda t, y: net(y)``, a hypernetwork's
+    output); the latter are found by running func once at (t0, y0). A `t` that requires grad gets
+    dL/dt_k = g_k . f(t_k, y(t_k)) and dL/dt_0 = -(dL/dy0 - g_0) . f(t_0, y0).
 
     Args:
-        func: ``func(t, y, *params) -> dy/dt`` written in torch (y is 1-D of size d, float64).
+        func: ``func(t, y, *params) -> dy/dt`` written in torch (y is 1-D of size d, float64), returning a
+            float64 tensor of d values.
         y0: initial state, 1-D tensor.
-        t: output times, 1-D and strictly increasing; t[0] is the initial time.
-        *params: tensors the vector field depends on; they receive gradients.
-        method: any solve_ivp method ('RK45', 'DOP853', 'Radau', 'BDF', 'LSODA').
+        t: output times, 1-D and strictly increasing; t[0] is the initial time. A tensor that requires
+            grad receives the gradient with respect to the times.
+        *params: tensors the vector field receives; they receive gradients.
+        method: 'RK23', 'RK45', 'DOP853', 'Radau', 'BDF', 'LSODA', or a scipy.integrate.OdeSolver subclass.
         rtol: relative tolerance of the integrator (also that of the sensitivity/adjoint equations).
         atol: absolute tolerance, likewise.
         sensitivity: 'forward' (sensitivity equations) or 'adjoint' (adjoint equations backward in time).
+        max_steps: cap on the integrator's steps per integration (None: no cap).
+        timeout: wall-clock limit in seconds per integration (None: none). A stalled step size (LSODA at a
+            finite-time blow-up steps forever without advancing) is a `SolverError` in any case.
 
     Returns:
         y at the output times, shape ``(len(t), d)``.
 
     Raises:
-        InputError: malformed y0, t or options. SolverError: solve_ivp failed.
+        InputError: malformed y0, t, options, or a func that fails or returns the wrong type, dtype or
+            shape at (t0, y0). SolverError: the integrator failed, stalled, exceeded max_steps or timeout,
+            or func raised during the integration.
     """
-    if not torch.is_tensor(y0) or y0.dim() != 1 or not y0.is_floating_point():
-        raise InputError(
-            f"solve_ivp_layer: y0 must be a 1-D floating-point tensor; got "
-            f"{tuple(y0.shape) if torch.is_tensor(y0) else type(y0).__name__}. Flatten the state first."
-        )
-    tt = np.asarray(t.detach().cpu() if torch.is_tensor(t) else t, dtype=np.float64).reshape(-1)
-    if tt.size < 2 or not np.all(np.diff(tt) > 0):
-        raise InputError(
-            "solve_ivp_layer: t must be 1-D, strictly increasing, with at least two times (t[0] is the start); "
-            f"got {tt.tolist()[:6]}."
-        )
-    if sensitivity not in ("forward", "adjoint"):
-        raise InputError(f"solve_ivp_layer: sensitivity must be 'forward' or 'adjoint'; got {sensitivity!r}.")
-    for i, q in enumerate(params):
-        if not torch.is_tensor(q) or not q.is_floating_point():
-            raise InputError(f"solve_ivp_layer: parameter {i} must be a floating-point tensor; got {type(q).__name__}.")
-    field = _Field(func, list(params))
-    return _IVP.apply(field, y0, tt, method, rtol, atol, sensitivity, *params)
+    settings = _Settings(method, rtol, atol, sensitivity, max_steps, timeout)
+    tt = _check_inputs(y0, t, params, settings)
+    explicit = list(params)
+    captured = _probe(func, float(tt[0]), y0.detach().double().cpu().numpy().reshape(-1), explicit)
+    field = _Field(func, explicit, captured)
+    t_input = t if torch.is_tensor(t) and t.requires_grad else None
+    return _IVP.apply(field, settings, tt, y0, t_input, *explicit, *captured)

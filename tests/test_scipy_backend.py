@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 
 import numpy as np
 import pytest
@@ -118,6 +119,86 @@ def test_lbfgsb_active_bound_has_zero_gradient():
     np.testing.assert_allclose(J, fd_jacobian(lambda v: layer.compiled.solve(v), w0, h=1e-3), atol=1e-5)
     # free components: x0 = w0 - x1/4 with x1 = 1 fixed, x2 = w2
     np.testing.assert_allclose(J[[0, 2]], [[1.0, 0.0, 0.0], [0.0, 0.0, 1.0]], atol=1e-9)
+
+
+def _box_qp(n_trial: int):
+    """Q, theta with the unbounded minimiser of 1/2 x'Qx - theta'x at x1 = 1e-10 (bound x >= 0 inactive)."""
+    rng = np.random.default_rng(0)
+    for _ in range(n_trial + 1):
+        A = rng.normal(size=(3, 3))
+        Q = A @ A.T + 3 * np.eye(3)
+        xstar = np.r_[1e-10, rng.uniform(0.5, 2, 2)]
+    return Q, Q @ xstar
+
+
+def _exact_box_qp(Q: np.ndarray, theta: np.ndarray) -> np.ndarray:
+    """min 1/2 x'Qx - theta'x s.t. x >= 0 by enumerating the active sets: exact to round-off."""
+    import itertools
+
+    for held in itertools.chain.from_iterable(itertools.combinations(range(3), k) for k in range(4)):
+        free = [i for i in range(3) if i not in held]
+        x = np.zeros(3)
+        x[free] = np.linalg.solve(Q[np.ix_(free, free)], theta[free]) if free else []
+        lam = Q @ x - theta
+        if np.all(x[free] >= 0) and np.all(lam[list(held)] >= 0):
+            return x
+    raise AssertionError("no KKT point")
+
+
+def _box_layer(Q: np.ndarray, method: str):
+    Qt = torch.tensor(Q)
+    f = bbd.Argmin(lambda x, th: 0.5 * x @ Qt @ x - th @ x)
+    return bbd.layer(f, backend="scipy", x0=np.ones(3), bounds=(0.0, None), method=method, parameters=[(3,)])
+
+
+def test_bound_within_tolerance_of_an_inactive_optimum_gets_the_unbounded_derivative():
+    # x1* = 1e-10 > 0: the bound is inactive and the derivative is the unbounded problem's, Q^-1. L-BFGS-B
+    # stops at x1 = 6.5e-10 with d f/d x1 = 1.2e-9 > x1, which the projection residual alone took for an
+    # active bound: a one-sided Jacobian off by 0.30, silently. Now the bound is weakly active (warned,
+    # as bbd.KKT warns) and the answer, strictly inside the box, is differentiated as free.
+    Q, theta0 = _box_qp(0)
+    layer = _box_layer(Q, "L-BFGS-B")
+    theta = torch.tensor(theta0)
+    with pytest.warns(RuntimeWarning, match=re.escape("scipy backend: bounds on entries [0] are weakly active")):
+        x = layer(theta)
+        J = torch.autograd.functional.jacobian(layer, theta).numpy()
+    assert 0.0 < x[0].item() < 1e-8
+    # central differences of an exact re-solve, with a step small enough not to cross the kink at 1e-10
+    fd = fd_jacobian(lambda th: _exact_box_qp(Q, th), theta0, h=2e-11)
+    np.testing.assert_allclose(J, fd, atol=1e-4)
+    np.testing.assert_allclose(J, np.linalg.inv(Q), atol=1e-12)
+    # the same problem as a KKT: the same warning family
+    kkt = bbd.KKT(lambda x, th: 0.5 * x @ torch.tensor(Q) @ x - th @ x, ineq=lambda x, th: -x)
+    with pytest.warns(RuntimeWarning, match=re.escape("KKT: inequality constraints [0] are weakly active")):
+        bbd.layer(kkt, backend="scipy", x0=np.ones(3))(theta)
+
+
+def test_weakly_active_bound_the_answer_sits_on_is_held_and_warned():
+    # TNC returns x1 = 0 exactly with the gradient pushing outward (5.6e-9): the answer says "active";
+    # the gradient is the one-sided derivative that keeps x1 = 0, and the warning says so.
+    Q, theta0 = _box_qp(5)
+    layer = _box_layer(Q, "TNC")
+    theta = torch.tensor(theta0)
+    with pytest.warns(RuntimeWarning, match=re.escape("entries on a bound with the gradient pushing outward held")):
+        x = layer(theta)
+        J = torch.autograd.functional.jacobian(layer, theta).numpy()
+    assert x[0].item() == 0.0
+    held = np.zeros((3, 3))
+    held[1:, 1:] = np.linalg.inv(Q[1:, 1:])
+    np.testing.assert_allclose(J, held, atol=1e-12)
+
+
+def test_clearly_active_and_inactive_bounds_are_not_warned():
+    Q, _ = _box_qp(0)
+    theta0 = Q @ np.array([0.5, 1.0, 0.8]) + np.array([0.0, 0.0, 0.0])
+    theta0[0] = Q[0, 1:] @ np.array([1.0, 0.8]) - 2.0  # pushes x1 below its bound: active, multiplier 2
+    layer = _box_layer(Q, "L-BFGS-B")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        x = layer(torch.tensor(theta0))
+        J = torch.autograd.functional.jacobian(layer, torch.tensor(theta0)).numpy()
+    np.testing.assert_allclose(x.numpy(), _exact_box_qp(Q, theta0), atol=1e-6)
+    np.testing.assert_allclose(J, fd_jacobian(lambda th: _exact_box_qp(Q, th), theta0, h=1e-6), atol=1e-6)
 
 
 # --- KKT: SLSQP and trust-constr agree ------------------------------------------------------------------------

@@ -39,7 +39,8 @@ class ScipyOptions(BaseModel):
     bounds: Any = Field(
         None,
         description="Argmin only: box bounds, a pair (lb, ub) of arrays/floats (None or inf for no bound). "
-        "The optimality condition becomes projected-gradient stationarity (BoxArgmin).",
+        "The bounds' active set is identified from slacks and multipliers as for KKT constraints, weakly "
+        "active bounds warned about (BoxArgmin).",
     )
     tol: float = Field(1e-12, gt=0.0, description="scipy's tol (the method's main stopping tolerance).")
     maxiter: int | None = Field(None, ge=1, description="Iteration cap (None: the method's default).")
