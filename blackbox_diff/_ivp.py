@@ -34,6 +34,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from blackbox_diff._errors import BlackBoxDiffError, InputError, SolverError
+from blackbox_diff.engine import first_order_only
 
 __all__ = ["solve_ivp_layer"]
 
@@ -95,7 +96,7 @@ class _Field:
     def value(self, t: float, y: np.ndarray, p: torch.Tensor) -> np.ndarray:
         try:
             with torch.no_grad():
-                return self._f(torch.tensor(t, dtype=torch.float64), torch.from_numpy(np.array(y)), p).numpy()
+                return _to_numpy(self._f(torch.tensor(t, dtype=torch.float64), torch.from_numpy(np.array(y)), p))
         except BlackBoxDiffError:
             raise
         except Exception as err:
@@ -127,10 +128,10 @@ class _Field:
             except RuntimeError:  # an op without a batching rule: one sweep per output
                 rows = [torch.autograd.grad(f, inputs, eye[i], retain_graph=True, allow_unused=True) for i in range(d)]
                 grads = [None if rows[0][j] is None else torch.stack([r[j] for r in rows]) for j in range(len(inputs))]
-        Jy = np.zeros((d, d)) if grads[0] is None else grads[0].numpy()
-        blocks = [np.zeros((d, n)) if g is None else g.reshape(d, n).detach().double().cpu().numpy()
+        Jy = np.zeros((d, d)) if grads[0] is None else _to_numpy(grads[0])
+        blocks = [np.zeros((d, n)) if g is None else _to_numpy(g.reshape(d, n).detach().double().cpu())
                   for g, n in zip(grads[1:], [pp.numel()] + [c.numel() for c in self.captured], strict=True)]
-        return f.detach().numpy(), Jy, np.concatenate(blocks, axis=1)
+        return _to_numpy(f.detach()), Jy, np.concatenate(blocks, axis=1)
 
 
 @dataclass(frozen=True)
@@ -245,57 +246,177 @@ def _adjoint(field: _Field, traj, p, t, G, s: _Settings):
     return lam, mu
 
 
+def _to_numpy(t: torch.Tensor) -> np.ndarray:
+    """t as numpy; inside a torch.func transform (a jvp or backward rule evaluating the field), tensors made
+    there are wrapped and give their values through tolist only."""
+    try:
+        return t.numpy()
+    except RuntimeError:
+        return np.asarray(t.tolist(), dtype=np.float64)
+
+
+class _Record:
+    """What the forward of one call leaves for its backward and jvp (setup_context-style Functions get
+    no ctx in forward)."""
+
+    S: np.ndarray | None = None
+    traj: Any = None
+    Y: np.ndarray | None = None
+    p: torch.Tensor | None = None
+
+
+def _numpy(g: torch.Tensor, what: str) -> np.ndarray:
+    """A cotangent or tangent as float64 numpy, also under torch.func.grad/vjp/jvp (whose wrapped tensors
+    hand out their values through tolist); vmap's batched tensors cannot be read one instance at a time."""
+    try:
+        return np.asarray(g.detach().double().cpu().tolist(), dtype=np.float64)
+    except RuntimeError as err:
+        raise BlackBoxDiffError(
+            f"solve_ivp_layer: {what} under torch.func.vmap (vmap, jacrev, jacfwd, hessian) is not supported: the "
+            "scipy integrator runs one trajectory at a time. Use torch.autograd.functional.jacobian, or loop over "
+            "the batch."
+        ) from err
+
+
 class _IVP(torch.autograd.Function):
+    """(record, field, settings, tt, y0, t, *params) -> y(t_k): scipy's integrator, with first derivatives
+    from its own sensitivity or adjoint equations (reverse mode both ways, forward mode with
+    sensitivity='forward'); second derivatives raise `BlackBoxDiffError`."""
+
+    generate_vmap_rule = False
+
     @staticmethod
-    def forward(ctx, field, settings, tt, y0, t, *params):  # noqa: D102
+    def forward(record, field, settings, tt, y0, t, *params):  # noqa: D102
         # params: the explicit ones, then the captured ones (inputs so that autograd routes their grads).
         n = len(field.sizes)
         explicit = params[:n]
         p = torch.cat([q.detach().reshape(-1).double().cpu() for q in explicit]) if explicit else torch.zeros(0)
         y0n = y0.detach().double().cpu().numpy().reshape(-1)
         if settings.sensitivity == "forward":
-            Y, ctx.S = _forward_sensitivity(field, y0n, p, tt, settings)
+            Y, record.S = _forward_sensitivity(field, y0n, p, tt, settings)
         else:
             rhs = lambda tau, y: field.value(tau, y, p)  # noqa: E731
             jac = lambda tau, y: field.jacobians(tau, y, p)[1]  # noqa: E731
-            Y, ctx.traj = _integrate(rhs, jac, (tt[0], tt[-1]), y0n, tt, settings, dense=True)
-        ctx.save_for_backward(*params)  # torch's version check: a parameter changed in place is refused
-        ctx.field, ctx.settings, ctx.p, ctx.tt, ctx.Y = field, settings, p, tt, Y
-        ctx.t_like = None if t is None else (t.dtype, t.device, t.shape)
-        ctx.y0like = (y0.dtype, y0.device, y0.shape)
-        return torch.as_tensor(Y, dtype=y0.dtype, device=y0.device).reshape(len(tt), *y0.shape)
+            Y, record.traj = _integrate(rhs, jac, (tt[0], tt[-1]), y0n, tt, settings, dense=True)
+        record.p, record.Y = p, Y
+        return torch.tensor(Y.reshape(len(tt), *y0.shape), dtype=y0.dtype, device=y0.device)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    def setup_context(ctx, inputs, output):  # noqa: D102
+        record, field, settings, tt, y0, t, *params = inputs
+        ctx.save_for_backward(*params)  # torch's version check: a parameter changed in place is refused
+        ctx.record, ctx.field, ctx.settings, ctx.tt = record, field, settings, tt
+        ctx.t_like = None if t is None else (t.dtype, t.device, t.shape)
+        ctx.y0like = (y0.dtype, y0.device, y0.shape)
+        ctx.anchors = [y0, *([] if t is None else [t]), *params]
+        ctx.param_sizes = [q.numel() for q in params]
+
+    @staticmethod
     def backward(ctx, g):  # noqa: D102
         params = ctx.saved_tensors
-        field, s, tt = ctx.field, ctx.settings, ctx.tt
-        G = g.detach().double().cpu().reshape(len(tt), -1).numpy()
-        d = G.shape[1]
+        record, field, s, tt = ctx.record, ctx.field, ctx.settings, ctx.tt
+        if torch.is_grad_enabled():
+            return _IVP._differentiable_backward(ctx, g, params)
+        G = _numpy(g, "reverse mode").reshape(len(tt), -1)
         if s.sensitivity == "forward":
-            total = np.einsum("kim,ki->m", ctx.S, G)
-            g_y0, g_p = total[:d], total[d:]
+            total = np.einsum("kim,ki->m", record.S, G)
         else:
-            g_y0, g_p = _adjoint(field, ctx.traj, ctx.p, tt, G, s)
+            total = np.concatenate(_adjoint(field, record.traj, record.p, tt, G, s))
+        grads = _split(torch.as_tensor(total), ctx, params)
+        F = _IVP._fields(ctx) if ctx.t_like is not None and ctx.needs_input_grad[5] else None
+        g_t = None if F is None else _time_gradient(ctx, torch.as_tensor(G), grads[0].reshape(-1).double().cpu(),
+                                                    torch.as_tensor(F))
+        return (None, None, None, None, grads[0], g_t, *grads[1:])
+
+    @staticmethod
+    def _differentiable_backward(ctx, g, params):
+        """create_graph: the gradients as torch functions of the cotangent (they are linear in it), so that
+        derivatives in the cotangent (torch.autograd.functional.jvp, double-backward tricks) are exact;
+        derivatives in y0, t or the parameters (second derivatives) raise."""
+        record, s, tt = ctx.record, ctx.settings, ctx.tt
+        message = ("solve_ivp_layer: second derivatives are not supported (the derivatives come from scipy's "
+                   "sensitivity equations, which are not differentiated again). Use bbd.odeint, whose steps are "
+                   "implicit functions with second derivatives, or finite differences of the gradient.")
+        if s.sensitivity != "forward":
+            with torch.no_grad():
+                ctx_grads = _IVP.backward(_Plain(ctx), g.detach())
+            marked = first_order_only([t for t in ctx_grads if t is not None], message, [*ctx.anchors, g])
+            it = iter(marked)
+            return tuple(None if t is None else next(it) for t in ctx_grads)
+        G = g.reshape(len(tt), -1).to(torch.float64).cpu()
+        S = torch.as_tensor(record.S)
+        total = torch.einsum("kim,ki->m", S, G)
+        total = total + first_order_only([torch.zeros_like(total)], message, ctx.anchors)[0]
+        grads = _split(total, ctx, params)
+        g_t = None
+        if ctx.t_like is not None and ctx.needs_input_grad[5]:
+            g_t = _time_gradient(ctx, G, total[: G.shape[1]], torch.as_tensor(_IVP._fields(ctx)))
+        return (None, None, None, None, grads[0], g_t, *grads[1:])
+
+    @staticmethod
+    def _fields(ctx) -> np.ndarray:
+        """f(t_k, y(t_k)) at the output times (k, d)."""
+        record = ctx.record
+        return np.stack([ctx.field.value(tk, yk, record.p) for tk, yk in zip(ctx.tt, record.Y, strict=True)])
+
+    @staticmethod
+    def jvp(ctx, _r, _f, _s, _tt, y0_dot, t_dot, *p_dots):  # noqa: D102
+        record, tt = ctx.record, ctx.tt
+        if ctx.settings.sensitivity != "forward":
+            raise BlackBoxDiffError(
+                "solve_ivp_layer: forward mode (jvp) needs the forward sensitivities; pass sensitivity='forward' "
+                "(sensitivity='adjoint' only integrates backward in time)."
+            )
         dt, dev, shape = ctx.y0like
-        grads = [torch.as_tensor(g_y0, dtype=dt, device=dev).reshape(shape)]
-        offset = 0
-        for q in params:
-            grads.append(torch.as_tensor(g_p[offset : offset + q.numel()], dtype=q.dtype, device=q.device)
-                         .reshape(q.shape))
-            offset += q.numel()
-        return (None, None, None, grads[0], _time_gradient(ctx, G, g_y0), *grads[1:])
+        d = int(np.prod(shape))
+        parts = [np.zeros(d) if y0_dot is None else _numpy(y0_dot, "forward mode").reshape(-1)]
+        for size, pd in zip(ctx.param_sizes, p_dots, strict=True):
+            parts.append(np.zeros(size) if pd is None else _numpy(pd, "forward mode").reshape(-1))
+        tangent = np.einsum("kim,m->ki", record.S, np.concatenate(parts))
+        if t_dot is not None:
+            td = _numpy(t_dot, "forward mode").reshape(-1)
+            F = np.stack([ctx.field.value(tk, yk, record.p) for tk, yk in zip(tt, record.Y, strict=True)])
+            tangent[1:] += F[1:] * td[1:, None]  # moving t_k moves the sample along the trajectory
+            tangent[1:] -= np.einsum("kij,j->ki", record.S[1:, :, :d], F[0]) * td[0]  # moving t0 shifts it all
+        return torch.tensor(tangent.reshape(len(tt), *shape), dtype=dt, device=dev)
+
+    @staticmethod
+    def vmap(info, in_dims, *args):  # noqa: D102
+        raise BlackBoxDiffError(
+            "solve_ivp_layer under torch.func.vmap (vmap, jacrev, jacfwd, hessian) is not supported: the scipy "
+            "integrator runs one trajectory at a time. Use torch.autograd.functional.jacobian, or loop over the "
+            "batch."
+        )
 
 
-def _time_gradient(ctx, G: np.ndarray, g_y0: np.ndarray) -> torch.Tensor | None:
+class _Plain:
+    """A ctx stand-in whose backward runs with create_graph off (numeric), for the adjoint path."""
+
+    def __init__(self, ctx) -> None:
+        self.__dict__.update({k: getattr(ctx, k) for k in ("record", "field", "settings", "tt", "t_like", "y0like",
+                                                             "anchors", "param_sizes")})
+        self.saved_tensors = ctx.saved_tensors
+        self.needs_input_grad = ctx.needs_input_grad
+
+
+def _split(total: torch.Tensor, ctx, params) -> list[torch.Tensor]:
+    """The flat (y0, params) gradient as tensors of y0's and each parameter's shape, dtype and device."""
+    dt, dev, shape = ctx.y0like
+    d = int(np.prod(shape))
+    grads = [total[:d].to(dtype=dt, device=dev).reshape(shape)]
+    offset = d
+    for q in params:
+        grads.append(total[offset : offset + q.numel()].to(dtype=q.dtype, device=q.device).reshape(q.shape))
+        offset += q.numel()
+    return grads
+
+
+def _time_gradient(ctx, G: torch.Tensor, g_y0: torch.Tensor, F: torch.Tensor) -> torch.Tensor:
     """dL/dt_k = g_k . f(t_k, y_k) for k >= 1; dL/dt_0 = -(dL/dy0 - g_0) . f(t_0, y_0)."""
-    if ctx.t_like is None or not ctx.needs_input_grad[4]:
-        return None
-    F = np.stack([ctx.field.value(tk, yk, ctx.p) for tk, yk in zip(ctx.tt, ctx.Y, strict=True)])
-    out = np.einsum("ki,ki->k", G, F)
-    out[0] = -(g_y0 - G[0]) @ F[0]
+    out = (G * F).sum(dim=1)
+    out = torch.cat([-((g_y0 - G[0]) * F[0]).sum().reshape(1), out[1:]])
     dtype, device, shape = ctx.t_like
-    return torch.as_tensor(out, dtype=dtype, device=device).reshape(shape)
+    return out.to(dtype=dtype, device=device).reshape(shape)
 
 
 def _probe(func: Callable, t0: float, y0: np.ndarray, params: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -346,7 +467,8 @@ def _check_inputs(y0, t, params, settings: _Settings) -> np.ndarray:
     if not bool(torch.isfinite(y0).all()):
         raise InputError("solve_ivp_layer: y0 contains NaN or Inf.")
     try:
-        tt = np.asarray(t.detach().cpu() if torch.is_tensor(t) else t, dtype=np.float64).reshape(-1)
+        # tolist, not numpy: torch.func's grad-level tensors hand out values that way only
+        tt = np.asarray(t.detach().tolist() if torch.is_tensor(t) else t, dtype=np.float64).reshape(-1)
     except (TypeError, ValueError) as err:
         raise InputError(f"solve_ivp_layer: t must be a 1-D array of times; got {t!r}.") from err
     if tt.size < 2 or not np.all(np.diff(tt) > 0):
@@ -382,6 +504,7 @@ def _check_settings(s: _Settings) -> None:
         raise InputError(f"solve_ivp_layer: timeout must be a positive number of seconds or None; got {s.timeout!r}.")
 
 
+@torch.compiler.disable
 def solve_ivp_layer(
     func: Callable,
     y0: torch.Tensor,
@@ -427,7 +550,7 @@ def solve_ivp_layer(
     settings = _Settings(method, rtol, atol, sensitivity, max_steps, timeout)
     tt = _check_inputs(y0, t, params, settings)
     explicit = list(params)
-    captured = _probe(func, float(tt[0]), y0.detach().double().cpu().numpy().reshape(-1), explicit)
+    captured = _probe(func, float(tt[0]), np.asarray(y0.detach().tolist(), dtype=np.float64).reshape(-1), explicit)
     field = _Field(func, explicit, captured)
-    t_input = t if torch.is_tensor(t) and t.requires_grad else None
-    return _IVP.apply(field, settings, tt, y0, t_input, *explicit, *captured)
+    t_input = t if torch.is_tensor(t) and t.is_floating_point() else None  # a tangent or a gradient may ride on it
+    return _IVP.apply(_Record(), field, settings, tt, y0, t_input, *explicit, *captured)

@@ -445,3 +445,37 @@ def test_executable_black_box_forward_mode(tmp_path):
     (g,) = torch.autograd.grad(fn(wg), wg, create_graph=True)
     (h,) = torch.autograd.grad(g, wg)
     assert float(h) == pytest.approx(-0.09375, abs=1e-10)
+
+
+# --- solve_ivp_layer: first derivatives from scipy's own sensitivities -------------------------------------
+def _decay(t, y, k):
+    return -k * y
+
+
+def test_solve_ivp_layer_forward_mode_reverse_transforms_and_clear_second_order_errors():
+    from blackbox_diff.ode import solve_ivp_layer
+
+    k, y0, t = torch.tensor(0.8), torch.tensor([2.0]), torch.tensor([0.0, 0.5, 1.0])
+    tight = {"rtol": 1e-11, "atol": 1e-13}
+    d_k = -t * 2 * torch.exp(-0.8 * t)  # y = 2 exp(-k t)
+    with fwAD.dual_level():
+        out = solve_ivp_layer(_decay, y0, t, fwAD.make_dual(k, torch.tensor(1.0)), **tight)
+        torch.testing.assert_close(fwAD.unpack_dual(out).tangent.reshape(-1), d_k, atol=1e-8, rtol=0)
+    with fwAD.dual_level():
+        out = solve_ivp_layer(_decay, y0, fwAD.make_dual(t, torch.tensor([0.0, 1.0, 1.0])), k, **tight)
+        d_t = torch.tensor([0.0, -1.6 * np.exp(-0.4), -1.6 * np.exp(-0.8)])
+        torch.testing.assert_close(fwAD.unpack_dual(out).tangent.reshape(-1), d_t, atol=1e-8, rtol=0)
+    _, jv = torch.autograd.functional.jvp(lambda k: solve_ivp_layer(_decay, y0, t, k, **tight), k, torch.tensor(1.0))
+    torch.testing.assert_close(jv.reshape(-1), d_k, atol=1e-8, rtol=0)
+    torch.testing.assert_close(torch.func.jacrev(lambda k: solve_ivp_layer(_decay, y0, t, k, **tight))(k).reshape(-1),
+                               d_k, atol=1e-8, rtol=0)
+    assert float(torch.func.grad(lambda k: solve_ivp_layer(_decay, y0, t, k, **tight)[-1, 0])(k)) == pytest.approx(
+        float(d_k[-1]), abs=1e-8)
+    kk = k.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(solve_ivp_layer(_decay, y0, t, kk, **tight)[-1, 0], kk, create_graph=True)
+    with pytest.raises(bbd.BlackBoxDiffError, match=re.escape("solve_ivp_layer: second derivatives are not supported")):
+        torch.autograd.grad(g, kk)
+    with fwAD.dual_level(), pytest.raises(bbd.BlackBoxDiffError, match=re.escape("pass sensitivity='forward'")):
+        solve_ivp_layer(_decay, y0, t, fwAD.make_dual(k, torch.tensor(1.0)), sensitivity="adjoint")
+    with pytest.raises(bbd.BlackBoxDiffError, match=re.escape("under torch.func.vmap")):
+        torch.func.jacrev(lambda k: solve_ivp_layer(_decay, y0, t, k, sensitivity="adjoint"))(k)

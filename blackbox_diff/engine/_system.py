@@ -26,7 +26,7 @@ import torch
 from blackbox_diff import linalg
 from blackbox_diff._errors import BlackBoxDiffError
 
-__all__ = ["Linearization", "System", "guard", "once"]
+__all__ = ["Linearization", "System", "first_order_only", "guard", "once"]
 
 # residual(Z, aux, params, batched) -> (B, n); `batched` says which parameters carry the batch in dim 0.
 Residual = Callable[[torch.Tensor, tuple, Sequence[torch.Tensor], tuple], torch.Tensor]
@@ -267,6 +267,8 @@ class Linearization:
 class _Once(torch.autograd.Function):
     """x, attached to `anchors`; its derivative raises: marks a gradient torch cannot differentiate again."""
 
+    generate_vmap_rule = True
+
     @staticmethod
     def forward(x, message, *anchors):  # noqa: D102
         return x.clone()
@@ -315,5 +317,12 @@ def once(grads: list[torch.Tensor], system: System, what: str | None = None,
         f"Second derivatives through the {system.describe} condition are not supported: {reason}. First-order "
         "gradients and forward mode work."
     )
+    return first_order_only(grads, message, inputs)
+
+
+def first_order_only(grads: list[torch.Tensor], message: str, inputs: Sequence[torch.Tensor] = ()
+                     ) -> list[torch.Tensor]:
+    """`grads` hung from `inputs` (those that require grad) through a node whose derivative raises
+    `BlackBoxDiffError(message)`: for gradients computed outside autograd, under create_graph."""
     anchors = [t for t in inputs if torch.is_tensor(t) and t.requires_grad]
     return [_Once.apply(g, message, *anchors) for g in grads]

@@ -22,12 +22,18 @@ def newton(
     lu: tuple[torch.Tensor, torch.Tensor] | None = None,
     refresh: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor], int]:
-    """Batched (simplified) Newton for ``residual(z) == 0``, z of shape (B, n), Jacobians (B, n, n).
+    """Batched, safeguarded (simplified) Newton for ``residual(z) == 0``, z (B, n), Jacobians (B, n, n).
 
     Starts from the LU factors `lu` when given (e.g. the previous step's) or of ``jacobian(z0)``, and
     re-factors ``refresh(z)`` (default: ``jacobian``; e.g. an exact Jacobian where `jacobian` is a cheap
-    approximation) at the current iterate whenever the residual contracted by less than 4x in the last
-    step, so easy steps cost no Jacobian and hard ones converge quadratically.
+    approximation) at the current iterate whenever the residual contracted by less than 4x, so easy steps
+    cost no Jacobian and hard ones converge quadratically.
+
+    Safeguard: a step that does not decrease an instance's max|F| is not taken. With stale factors, the
+    Jacobian is refreshed at the current iterate and the step recomputed; with fresh ones, the step is
+    halved (up to 10 times) for that instance. Stage equations of stiff problems have several roots, and an
+    undamped step from y_n can jump into the basin of a non-physical one (Robertson's y2 < 0); descent keeps
+    the iteration on the root it starts near.
 
     Returns:
         (z, lu, iterations): the root, the factors last used (to pass to the next call), the count.
@@ -37,12 +43,11 @@ def newton(
             (a residual stuck within 1e3 x that bound after an exact-Jacobian step counts as converged).
     """
     z = z0
-    prev = None
+    r = residual(z)
+    err = r.abs().amax(dim=1)
     fresh = False
-    err = z0.new_full((1,), float("nan"))
+    prev = None
     for k in range(max_iter + 1):
-        r = residual(z)
-        err = r.abs().amax(dim=1)
         if not bool(torch.isfinite(err).all()):
             break
         bound = tol * (1.0 + z.abs().amax(dim=1))
@@ -54,21 +59,50 @@ def newton(
             return z, lu, k
         if k == max_iter:
             break
-        slow = prev is not None and bool((err > 0.25 * prev).any())
-        if lu is None:
-            lu = _lu(jacobian(z))
-            fresh = True
-        elif slow and not fresh:
-            lu = _lu((refresh or jacobian)(z))
+        if lu is None or (prev is not None and not fresh and bool((err > 0.25 * prev).any())):
+            lu = _lu((refresh or jacobian)(z) if lu is not None else jacobian(z))
             fresh = True
         else:
             fresh = False
-        z = z - torch.linalg.lu_solve(lu[0], lu[1], r.unsqueeze(-1)).squeeze(-1)
+        step = torch.linalg.lu_solve(lu[0], lu[1], r.unsqueeze(-1)).squeeze(-1)
+        z_new, r_new, err_new = _descend(residual, z, step, err)
+        worse = ~(err_new < err) & (err > bound)
+        if bool(worse.any()) and not fresh:
+            # Stale factors gave a step that does not descend: refresh them here and redo the step.
+            lu = _lu((refresh or jacobian)(z))
+            fresh = True
+            step = torch.linalg.lu_solve(lu[0], lu[1], r.unsqueeze(-1)).squeeze(-1)
+            z_new, r_new, err_new = _descend(residual, z, step, err)
         prev = err
+        z, r, err = z_new, r_new, err_new
     raise SolverError(
         f"Newton did not converge in {max_iter} iterations (max|F| = {err.max().item():.3g}, tolerance "
         f"{tol:.3g}). Use a smaller step_size (or more substeps), more newton_max_iter, or a looser newton_tol."
     )
+
+
+def _descend(residual: Callable, z: torch.Tensor, step: torch.Tensor, err: torch.Tensor):
+    """z - a step, with a per-instance step length 1, 1/2, 1/4, ... (at most 10 halvings) chosen so that
+    max|F| decreases; instances where no length decreases it take the full step."""
+    alpha = torch.ones_like(err)
+    z_new = z - step
+    r_new = residual(z_new)
+    err_new = r_new.abs().amax(dim=1)
+    for _ in range(10):
+        bad = ~(err_new < err)
+        if not bool(bad.any()):
+            break
+        alpha = torch.where(bad, 0.5 * alpha, alpha)
+        trial = z - alpha[:, None] * step
+        r_trial = residual(trial)
+        e_trial = r_trial.abs().amax(dim=1)
+        take = bad & (e_trial < err)
+        z_new = torch.where(take[:, None], trial, z_new)
+        r_new = torch.where(take[:, None], r_trial, r_new)
+        err_new = torch.where(take, e_trial, err_new)
+        if not bool((bad & ~take).any()):
+            break
+    return z_new, r_new, err_new
 
 
 def _lu(J: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
