@@ -12,4 +12,15 @@ from blackbox_diff.engine._lift import Lifted, lift
 from blackbox_diff.engine._policy import choose_solver, solve_linear
 from blackbox_diff.engine._system import Linearization, System, first_order_only
 
-__all__ = ["Answers", "Call", "Lifted", "Linearization", "System", "apply", "choose_solver", "first_order_only", "lift", "solve_linear"]
+__all__ = [
+    "Answers",
+    "Call",
+    "Lifted",
+    "Linearization",
+    "System",
+    "apply",
+    "choose_solver",
+    "first_order_only",
+    "lift",
+    "solve_linear",
+]
