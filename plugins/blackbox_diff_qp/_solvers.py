@@ -49,7 +49,7 @@ ACTIVE_SET_SOLVERS = frozenset({"daqp", "quadprog", "highs"})
 # makes it exact); the user's solver_settings override them. Interior-point solvers' defaults (1e-8) are.
 _SETTINGS: dict[str, dict[str, Any]] = {
     "proxqp": {"eps_abs": 1e-9, "eps_rel": 0.0},
-    "osqp": {"eps_abs": 1e-9, "eps_rel": 1e-9, "max_iter": 100_000, "polishing": True},
+    "osqp": {"eps_abs": 1e-9, "eps_rel": 1e-9, "max_iter": 100_000, "polishing": True, "raise_error": False},
     "scs": {"eps_abs": 1e-9, "eps_rel": 1e-9, "max_iters": 100_000},
 }
 
