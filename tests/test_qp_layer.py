@@ -212,6 +212,27 @@ def test_threads_executor_gives_the_same_answer_and_gradient():
         assert torch.allclose(a, c, atol=1e-14)
 
 
+
+def test_solves_leave_sys_stdout_alone(monkeypatch):
+    """Swapping sys.stdout (to hide HiGHS's banner) is process-wide: under executor='threads' it once lost
+    the caller's own output. The solver must see the caller's sys.stdout."""
+    import sys
+
+    import qpsolvers
+
+    seen = []
+    real = qpsolvers.solve_problem
+
+    def spy(*args, **kwargs):
+        seen.append(sys.stdout)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(qpsolvers, "solve_problem", spy)
+    stdout = sys.stdout
+    bbd.QPLayer(executor="threads")(*random_qp(3))
+    assert len(seen) == 3 and all(s is stdout for s in seen)
+
+
 def test_large_problems_leave_the_adjoint_to_the_engine_and_agree():
     """dense_max=0: no inverse in the forward; the engine solves the raw symmetric KKT system instead."""
     values = random_qp(2)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import importlib.util
-import io
+import threading
 import warnings
 from typing import Any
 
@@ -131,8 +131,9 @@ def run_solver(name: str, Q, p, G, h, A, b, settings: dict[str, Any]) -> RawAnsw
     A_, b_ = (A, b) if A.shape[0] else (None, None)
     options = {**_SETTINGS.get(name, {}), **settings}
     try:
-        with contextlib.redirect_stdout(io.StringIO()):  # HiGHS prints a banner whatever its settings
-            sol = qpsolvers.solve_problem(_problem(name, Q, p, G_, h_, A_, b_), solver=name, **options)
+        # No stdout redirection (HiGHS prints a banner from C++ whatever its settings): swapping sys.stdout
+        # is process-wide, and under executor="threads" it lost the caller's own output.
+        sol = qpsolvers.solve_problem(_problem(name, Q, p, G_, h_, A_, b_), solver=name, **options)
     except Exception as err:  # noqa: BLE001 - every solver failure becomes one SolverError with the cause
         raise SolverError(
             f"QP solver {name!r} raised {type(err).__name__}: {err}. {diagnose(Q, p, G, h, A, b, name)}"
@@ -169,6 +170,11 @@ def not_convex_message(smallest: float) -> str:
     )
 
 
+@contextlib.contextmanager
+def _nothing():
+    yield
+
+
 _UNBOUNDED = (
     "The QP is unbounded below (Q is singular along a feasible direction in which p^T z decreases): add "
     "constraints or make Q positive definite."
@@ -191,9 +197,11 @@ def diagnose(Q, p, G, h, A, b, tried: str) -> str:
 
     G_, h_ = (G, h) if G.shape[0] else (None, None)
     A_, b_ = (A, b) if A.shape[0] else (None, None)
+    quiet = warnings.catch_warnings() if threading.current_thread() is threading.main_thread() else _nothing()
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # qpsolvers warns about the status it then returns
+        with quiet:  # qpsolvers warns about the status it then returns (filters are process-wide: main thread only)
+            if isinstance(quiet, warnings.catch_warnings):
+                warnings.simplefilter("ignore")
             sol = qpsolvers.solve_problem(_problem("clarabel", Q, p, G_, h_, A_, b_), solver="clarabel")
     except Exception:  # noqa: BLE001 - the diagnosis is best effort
         return "Check that the QP is feasible and bounded."
