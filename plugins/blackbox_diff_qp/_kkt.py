@@ -189,14 +189,18 @@ def refine(Q, p, G, h, A, b, x, nu, lam, *, tol: float, dense: bool = True, max_
         lam_new = np.maximum(lam_new, 0.0) * active
         weak = (active & (lam_new <= lam_scale)) | (~active & (slack <= slack_scale))
         return Refined(x_new, nu_new, lam_new, active, weak, fac.inverse, polished=True)
-    if first is not None:  # the swaps did not settle on a better point: the answer, on its own active set
-        active, fac = first
-        slack_scale, lam_scale = _scales(G, h, x, lam, tol)
-        weak = active & (lam <= lam_scale)
-        return Refined(x, nu, np.where(active, lam, 0.0), active, weak, fac.inverse)
-    # K_S singular: degenerate (dependent active rows, or Q singular on their null space).
-    active = classify(G, h, x, lam, tol)
-    slack_scale, lam_scale = _scales(G, h, x, lam, tol)
+    return _unpolished(A, G, h, x, nu, lam, tol, first)
+
+
+def _unpolished(A, G, h, x, nu, lam, tol: float, first) -> Refined:
+    """The solver's answer on its own active set: when the swaps did not settle (`first`: that set and its
+    factors), or when K_S is singular (degenerate: dependent active rows, or Q singular on their null
+    space), in which case the rows that break LICQ are named."""
+    active = first[0] if first is not None else classify(G, h, x, lam, tol)
+    _, lam_scale = _scales(G, h, x, lam, tol)
     weak = active & (lam <= lam_scale)
+    kept = np.where(active, lam, 0.0)
+    if first is not None:
+        return Refined(x, nu, kept, active, weak, first[1].inverse)
     dependent = dependent_rows(A, G[active], np.nonzero(active)[0])
-    return Refined(x, nu, np.where(active, lam, 0.0), active, weak, singular=True, dependent=dependent)
+    return Refined(x, nu, kept, active, weak, singular=True, dependent=dependent)
