@@ -10,11 +10,18 @@ forward and backward times (median of repeats, after a warm-up call), their rati
 errors: the directional derivative <dL/dtheta, d> for L = w^T x* and a random direction d, against the
 central difference of L along d computed with cvxpy's own Clarabel solve at a tight tolerance.
 
+`bbd.QPLayer` (the "qp" backend: DAQP, a dense active-set solver, per instance; the answer polished on its
+active set and the reduced KKT matrix inverted in the forward; the engine's adjoint is then the cotangent
+itself) runs on the same tensors with qpth's call convention; its columns are compared with qpth's.
+The forward fan-out of QPLayer over the engine's executor (serial, a thread pool, a process pool) is
+measured separately at n = 100.
+
 qpth (OptNet's batched primal-dual interior-point QP layer, `pip install --no-deps qpth==0.0.18`: its
 metadata pins numpy<2, which it does not need) runs its own solver on the same P, q, G, h, A, b at its default
 tolerance (eps 1e-12, at most 20 iterations), batched in torch. Its columns are skipped when it is not installed.
 
 Run:  python benchmarks/bench_qp.py [--fast] [--json out.json] [--sizes 10 50 200] [--batches 1 16 64]
+      python benchmarks/bench_qp.py --qplayer-only ...   (QPLayer and qpth only, no cvxpy layers)
 """
 
 from __future__ import annotations
@@ -123,6 +130,42 @@ def _qpth_call(layer, params):
     return (fn(P, q, G, h, A, b),)
 
 
+def _qplayer(P: np.ndarray, **options):
+    """bbd.QPLayer with the benchmark's fixed P (shared by the batch), on its defaults."""
+    return bbd.QPLayer(**options), torch.tensor(P)
+
+
+def _qplayer_call(layer, params):
+    fn, P = layer
+    return (fn(P, *params),)
+
+
+def fanout_times(n: int, B: int, repeats: int, workers: int = 2) -> dict:
+    """QPLayer's forward (no gradients) with the engine's executor: serial, threads, processes (pools kept
+    across calls, as a user would keep them), in ms per instance."""
+    import concurrent.futures
+
+    P = fixed_hessian(n)
+    values = make_batch(n, B)
+    out = {}
+    pools = {
+        "serial": None,
+        "threads": concurrent.futures.ThreadPoolExecutor(workers),
+        "processes": concurrent.futures.ProcessPoolExecutor(workers),
+    }
+    try:
+        for name, pool in pools.items():
+            layer = _qplayer(P, executor=pool)
+            with torch.no_grad():
+                _qplayer_call(layer, values)  # warm-up: worker start, imports
+                out[name] = 1e3 * _time(lambda layer=layer: _qplayer_call(layer, values), repeats) / B
+    finally:
+        for pool in pools.values():
+            if pool is not None:
+                pool.shutdown()
+    return out
+
+
 def _reference_loss(problem, params, x, values, w) -> float:
     for handle, v in zip(params, values, strict=True):
         handle.value = v.numpy()
@@ -157,14 +200,32 @@ def _dense_kkt_time(n: int, B: int, repeats: int) -> float:
     return _time(lambda: torch.linalg.solve(K, g), repeats)
 
 
-def run_case(n: int, B: int, repeats: int, with_error: bool) -> dict:
+def run_case(n: int, B: int, repeats: int, with_error: bool, cvxpy_layers: bool = True) -> dict:
     from cvxpylayers.torch import CvxpyLayer
 
     problem, params, x = make_problem(n)
     values = make_batch(n, B)
+    row = {"n": n, "B": B}
+    qplayer = _qplayer(fixed_hessian(n))
+    row["qplayer_forward_ms"], row["qplayer_backward_ms"] = (
+        1e3 * t / B for t in _forward_backward(qplayer, values, repeats, _qplayer_call)
+    )
+    qpth = _qpth_layer(fixed_hessian(n))
+    if qpth is not None:
+        row["qpth_forward_ms"], row["qpth_backward_ms"] = (
+            1e3 * t / B for t in _forward_backward(qpth, values, repeats, _qpth_call)
+        )
+        row["qplayer_forward_ratio"] = row["qplayer_forward_ms"] / row["qpth_forward_ms"]
+        row["qplayer_backward_ratio"] = row["qplayer_backward_ms"] / row["qpth_backward_ms"]
+    if with_error:
+        single = [v[0] for v in values]
+        row["qplayer_grad_error"] = gradient_error(qplayer, _qplayer_call, problem, params, x, single)
+        if qpth is not None:
+            row["qpth_grad_error"] = gradient_error(qpth, _qpth_call, problem, params, x, single)
+    if not cvxpy_layers:
+        return row
     ours = bbd.layer(problem, parameters=params, variables=[x])
     theirs = CvxpyLayer(problem, parameters=params, variables=[x])
-    row = {"n": n, "B": B}
     row["bbd_forward_ms"], row["bbd_backward_ms"] = (
         1e3 * t / B for t in _forward_backward(ours, values, repeats, _bbd_call)
     )
@@ -175,18 +236,12 @@ def run_case(n: int, B: int, repeats: int, with_error: bool) -> dict:
     row["backward_over_forward"] = row["bbd_backward_ms"] / row["bbd_forward_ms"]
     row["backward_speedup"] = row["cvxpylayers_backward_ms"] / row["bbd_backward_ms"]
     row["forward_ratio"] = row["bbd_forward_ms"] / row["cvxpylayers_forward_ms"]
-    qpth = _qpth_layer(fixed_hessian(n))
     if qpth is not None:
-        row["qpth_forward_ms"], row["qpth_backward_ms"] = (
-            1e3 * t / B for t in _forward_backward(qpth, values, repeats, _qpth_call)
-        )
         row["qpth_backward_speedup"] = row["qpth_backward_ms"] / row["bbd_backward_ms"]
     if with_error:
         single = [v[0] for v in values]
         row["bbd_grad_error"] = gradient_error(ours, _bbd_call, problem, params, x, single)
         row["cvxpylayers_grad_error"] = gradient_error(theirs, _cvxpylayers_call, problem, params, x, single)
-        if qpth is not None:
-            row["qpth_grad_error"] = gradient_error(qpth, _qpth_call, problem, params, x, single)
     return row
 
 
@@ -195,7 +250,7 @@ def barely_active_errors(n: int = 50, B: int = 16, seed: int = 3) -> dict:
 
     x* = min(p, u) has the closed-form Jacobians diag(p < u) and diag(p > u). Rows with |p - u| = 1e-4
     and 1e-6 are nondegenerate, but an interior-point answer has slack and multiplier both ~1e-4 there.
-    Returns the largest absolute gradient error of each layer (Clarabel and SCS inside, and qpth).
+    Returns the largest absolute gradient error of each layer (Clarabel and SCS inside, QPLayer, and qpth).
     """
     import cvxpy as cp
     from cvxpylayers.torch import CvxpyLayer
@@ -216,9 +271,11 @@ def barely_active_errors(n: int = 50, B: int = 16, seed: int = 3) -> dict:
         "cvxpylayers_scs": (CvxpyLayer(problem, parameters=[p, u], variables=[x]),
                             {"solver_args": {"solve_method": "SCS"}}),
     }
+    eye, none = torch.eye(n, dtype=torch.float64), torch.empty(0, dtype=torch.float64)
+    qplayer = bbd.QPLayer()
+    layers["qplayer"] = (lambda pp, uu: (qplayer(eye, -pp, eye, uu, none, none),), {})
     qpth = _qpth_layer(np.eye(n))
     if qpth is not None:  # the same projection: P = I, q = -p, G = I, h = u, no equalities
-        eye, none = torch.eye(n, dtype=torch.float64), torch.empty(0, dtype=torch.float64)
         layers["qpth"] = (lambda pp, uu: (qpth[0](qpth[1], -pp, eye, uu, none, none),), {})
     for name, (layer, kwargs) in layers.items():
         pp, uu = p_val.clone().requires_grad_(True), u_val.clone().requires_grad_(True)
@@ -228,7 +285,30 @@ def barely_active_errors(n: int = 50, B: int = 16, seed: int = 3) -> dict:
     return out
 
 
+def _qplayer_table(rows: list[dict]) -> str:
+    qpth = any("qpth_forward_ms" in r for r in rows)
+    head = f"{'n':>4} {'B':>3} | {'fwd QPLayer':>11} {'bwd QPLayer':>11} {'err QPLayer':>11}"
+    if qpth:
+        head += f" | {'fwd qpth':>9} {'bwd qpth':>9} {'err qpth':>8} | {'fwd ratio':>9} {'bwd ratio':>9}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        err = f"{r['qplayer_grad_error']:11.1e}" if "qplayer_grad_error" in r else f"{'':>11}"
+        line = f"{r['n']:>4} {r['B']:>3} | {r['qplayer_forward_ms']:11.3f} {r['qplayer_backward_ms']:11.3f} {err}"
+        if qpth:
+            qerr = f"{r['qpth_grad_error']:8.1e}" if "qpth_grad_error" in r else f"{'':>8}"
+            line += (f" | {r['qpth_forward_ms']:9.3f} {r['qpth_backward_ms']:9.3f} {qerr} | "
+                     f"{r['qplayer_forward_ratio']:9.2f} {r['qplayer_backward_ratio']:9.2f}")
+        lines.append(line)
+    lines.append("QPLayer vs qpth: ms per instance (median); ratio = QPLayer / qpth (below 1: QPLayer faster); err = "
+                 "relative error of a directional derivative vs central differences of a tight Clarabel solve "
+                 "(first instance of the first batch size)." + ("" if qpth else " qpth: not installed."))
+    return "\n".join(lines)
+
+
 def _table(rows: list[dict]) -> str:
+    rows = [r for r in rows if "bbd_forward_ms" in r]
+    if not rows:
+        return ""
     qpth = any("qpth_forward_ms" in r for r in rows)
     head = (f"{'n':>4} {'B':>3} | {'fwd bbd':>9} {'fwd cvxl':>9} {'ratio':>6} | {'bwd bbd':>9} {'bwd cvxl':>9} "
             f"{'speedup':>8} {'bwd/fwd':>8} {'KKT':>8} | {'err bbd':>8} {'err cvxl':>8}")
@@ -267,6 +347,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 16, 64])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", type=Path, default=None, help="write the rows to this JSON file")
+    parser.add_argument("--qplayer-only", action="store_true",
+                        help="only QPLayer and qpth (skip the cvxpy layers and the barely-active comparison)")
+    parser.add_argument("--fanout-batch", type=int, default=64, help="batch size of the executor fan-out timing")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch intra-op threads (default 1: small batched ops lose to thread start-up, "
                         "badly so on a loaded machine; applies to both layers)")
@@ -280,17 +363,24 @@ def main(argv: list[str] | None = None) -> list[dict]:
         warnings.simplefilter("ignore")  # cvxpylayers/diffcp deprecation noise
         for n in sizes:
             for B in batches:
-                rows.append(run_case(n, B, repeats, with_error=(B == batches[0])))
+                rows.append(run_case(n, B, repeats, with_error=(B == batches[0]), cvxpy_layers=not args.qplayer_only))
                 print(f"  done n={n} B={B}", file=sys.stderr, flush=True)
-    print(_table(rows))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        errors = barely_active_errors(n=20 if args.fast else 50, B=4 if args.fast else 16)
-    print("barely active box projections, max |gradient error| vs the closed form: "
-          + ", ".join(f"{k} {v:.1e}" for k, v in errors.items()))
+    print(_qplayer_table(rows))
+    fan_n, fan_B = (50, 16) if args.fast else (100, args.fanout_batch)
+    fanout = fanout_times(fan_n, fan_B, repeats)
+    print(f"QPLayer forward fan-out at n = {fan_n}, B = {fan_B} (ms per instance, 2 workers): "
+          + ", ".join(f"{k} {v:.3f}" for k, v in fanout.items()))
+    errors = {}
+    if not args.qplayer_only:
+        print(_table(rows))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            errors = barely_active_errors(n=20 if args.fast else 50, B=4 if args.fast else 16)
+        print("barely active box projections, max |gradient error| vs the closed form: "
+              + ", ".join(f"{k} {v:.1e}" for k, v in errors.items()))
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"qp": rows, "barely_active": errors}, indent=2))
+        args.json.write_text(json.dumps({"qp": rows, "barely_active": errors, "fanout": fanout}, indent=2))
     return rows
 
 

@@ -25,6 +25,7 @@ from blackbox_diff._options import ImplicitOptions
 from blackbox_diff._registry import backends, plugin_manager
 from blackbox_diff.deq import DEQ, fixed_point_layer
 from blackbox_diff.ode import odeint, solve_ivp_layer
+from blackbox_diff.qp import QPLayer
 
 __version__ = "0.1.0"
 
@@ -47,6 +48,7 @@ __all__ = [
     "KKTSolution",
     "LinearSolveError",
     "PluginError",
+    "QPLayer",
     "Root",
     "SolverError",
     "backends",

@@ -18,14 +18,21 @@ def test_qp_benchmark_fast_compares_every_installed_anchor(capsys, tmp_path):
     assert [(r["n"], r["B"]) for r in rows] == [(10, 1), (10, 16), (50, 1), (50, 16)]
     for r in rows:
         assert all(r[k] > 0 for k in ("bbd_forward_ms", "bbd_backward_ms", "cvxpylayers_backward_ms"))
+        assert r["qplayer_forward_ms"] > 0 and r["qplayer_backward_ms"] > 0
+    for r in rows[::2]:  # bbd.QPLayer: exact (DAQP's active set, polished), against a tight Clarabel solve
+        assert r["qplayer_grad_error"] < 1e-6
     for r in rows[::2]:  # the gradient error is measured on the first batch size of each n
         assert r["bbd_grad_error"] < 1e-6
         assert math.isfinite(r["cvxpylayers_grad_error"])
     barely = json.loads((tmp_path / "qp.json").read_text())["barely_active"]
     assert barely["bbd_clarabel"] < 1e-8 and barely["bbd_scs"] < 1e-8  # closed form: 0/1 Jacobians
+    assert barely["qplayer"] < 1e-8
+    fanout = json.loads((tmp_path / "qp.json").read_text())["fanout"]
+    assert set(fanout) == {"serial", "threads", "processes"} and all(v > 0 for v in fanout.values())
+    assert "QPLayer forward fan-out" in out and "fwd QPLayer" in out
     if bench_qp._qpth_layer(bench_qp.fixed_hessian(2)) is None:  # the Makefile installs qpth
         assert "qpth: not installed" in out
     else:
-        assert all(r["qpth_backward_ms"] > 0 for r in rows)
+        assert all(r["qpth_backward_ms"] > 0 and r["qplayer_backward_ratio"] > 0 for r in rows)
         assert all(math.isfinite(r["qpth_grad_error"]) for r in rows[::2])
         assert "err qpth" in out

@@ -69,3 +69,15 @@ def test_seed_examples_table_matches_the_closed_forms(capsys):
         assert got == pytest.approx(expected, abs=tol), title
     text = capsys.readouterr().out
     assert "0.39269" in text  # the lecture's unconstrained sin(x w) example
+
+
+def test_optnet_qp_learns_the_hidden_qp_with_exact_gradients(capsys):
+    import optnet_qp
+
+    result = optnet_qp.main(["--fast"])
+    assert result["final"] < 0.1 * result["initial"], result  # the student QP layer fits the teacher's answers
+    assert result["test"] < 0.1 * result["initial"], result  # and generalises to held-out inputs
+    # the implicit gradient against central differences of the layer's forward pass (the black box), float64
+    assert result["grad_error"] < 1e-6, result
+    text = capsys.readouterr().out
+    assert "train loss" in text and "gradient vs central differences of the black box" in text
