@@ -115,7 +115,7 @@ def test_executable_pickles_for_process_pools(programs):
 FAILURES = [
     (1, "segfault", "was killed by signal SIGSEGV (exit code -11)", -11, "about to crash"),
     (2, "hang", "did not finish within timeout=0.5 s and was killed (exit code -9)", -9, "mode 2"),
-    (3, "garbage", "wrote malformed text output (ValueError: could not convert string to float: 'x'", 0,
+    (3, "garbage", "wrote malformed text output: line 1, field 1 (column 1): found 'x', expected a number", 0,
      "mode 3"),
     (4, "wrong-shape", "wrote a solution of shape (2,) (2 numbers), expected shape (1,)", 0, "mode 4"),
     (5, "exit-3", "exited with status 3 (exit code 3)", 3, "giving up: singular matrix"),
@@ -237,7 +237,8 @@ def test_stdin_and_stdout_when_no_placeholders(runs):
 def test_stdout_is_size_capped(runs):
     exe = bbd.Executable([sys.executable, "-c", "print('1 ' * 10000)"], io="text", max_output_bytes=100,
                          workdir=runs)
-    with pytest.raises(bbd.SolverError, match=re.escape("wrote more than max_output_bytes=100 bytes to stdout")):
+    with pytest.raises(bbd.SolverError, match=re.escape("wrote output over max_output_bytes=100 (more than that on "
+                                                        "stdout) and was stopped")):
         exe(np.array(1.0))
     assert os.listdir(runs) == []
 

@@ -147,7 +147,9 @@ def test_malformed_output_is_a_solver_error_naming_it(scripts, io_format, data, 
 @pytest.mark.parametrize("to_stdout", [False, True], ids=["file", "stdout"])
 def test_oversized_output_is_refused_at_the_cap(scripts, to_stdout):
     exe = _writer(scripts, 'b"2.0 " * 50_000', "text", to_stdout=to_stdout, max_output_bytes=1000)
-    what = "bytes to stdout" if to_stdout else "an output file larger than max_output_bytes=1000"
+    what = ("wrote output over max_output_bytes=1000 (more than that on stdout) and was stopped" if to_stdout
+            else "wrote output over max_output_bytes=1000 (200000 bytes in its output file output.txt, plus 0 bytes "
+                 "on stdout)")
     with pytest.raises(bbd.SolverError, match=re.escape(what)):
         exe(np.array(4.0))
 
