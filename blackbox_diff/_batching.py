@@ -154,8 +154,12 @@ def _call_chunk(solve: Callable, chunk: list[tuple]) -> list[tuple[bool, Any]]:
         except Exception as err:  # noqa: BLE001 - every failure becomes a per-instance result
             try:
                 pickle.dumps(err)
-            except Exception:  # noqa: BLE001 - the exception cannot travel back from a worker process
-                err = RuntimeError(f"{type(err).__name__}: {err}")
+            except Exception:  # noqa: BLE001 - it could not travel back from a worker process as it is
+                # Keep it (type included) where no process boundary is crossed; only if it is pickled to
+                # cross one does it become a RuntimeError naming its type (pickle looks __reduce_ex__ up on
+                # the instance first).
+                portable = (RuntimeError, (f"{type(err).__name__}: {err}",))
+                err.__reduce_ex__ = lambda _protocol, portable=portable: portable
             out.append((False, err))
     return out
 
