@@ -87,11 +87,24 @@ def run_directory(parent: str | None) -> Iterator[tuple[str, int]]:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
         yield path, fd
     finally:
-        if fd >= 0:
-            os.close(fd)
-        shutil.rmtree(path, ignore_errors=True)
+        _remove(path, fd)
         with _LOCK:
             _DIRS.discard(path)
+
+
+def _remove(path: str, fd: int) -> None:
+    """Remove the run directory, also when the program moved it away or put a link in its place."""
+    if fd >= 0:
+        with contextlib.suppress(OSError):
+            now = os.readlink(f"/proc/self/fd/{fd}")  # Linux: where the directory is now
+            if now != path and os.path.samestat(os.lstat(now), os.fstat(fd)):
+                shutil.rmtree(now, ignore_errors=True)
+        os.close(fd)
+    if os.path.islink(path):
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+    else:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def read_output(dir_fd: int, name: str, cap: int) -> bytes | None:
@@ -115,17 +128,21 @@ def read_output(dir_fd: int, name: str, cap: int) -> bytes | None:
                                 "inside the run directory") from None
         raise OutputRefused(f"its output file {name} could not be opened ({err.strerror}); expected a regular "
                             "file inside the run directory") from None
-    with open(fd, "rb", buffering=0, closefd=True) as fh:
+    try:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
             raise OutputRefused(f"its output file {name} is {_kind(info.st_mode)}, not a regular file inside the run "
                                 "directory")
         if info.st_size > cap:
             raise OutputRefused(f"{info.st_size} bytes in its output file {name}", overflow=True)
-        data = fh.read(cap + 1)
+        data = bytearray()
+        while len(data) <= cap and (chunk := os.read(fd, min(_CHUNK << 4, cap + 1 - len(data)))):
+            data += chunk
+    finally:
+        os.close(fd)
     if len(data) > cap:
         raise OutputRefused(f"more than {cap} bytes in its output file {name}", overflow=True)
-    return data
+    return bytes(data)
 
 
 def _kind(mode: int) -> str:
