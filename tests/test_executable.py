@@ -288,6 +288,13 @@ def test_legacy_executable_example_runs(capsys, monkeypatch):
     worst = float(re.search(r"worst \|IFT - FD\| = (\S+)", out).group(1))
     assert worst < 1e-6
     assert float(re.search(r"\|a - a_true\| = (\S+)", out).group(1)) < 1e-6
+    installable = hasattr(os, "geteuid") and os.geteuid() == 0 and shutil.which("apt-get") is not None
+    if shutil.which("gfortran") is None and not installable:
+        assert "Fortran part skipped: no gfortran on PATH" in out
+        return
+    assert "Fortran part skipped" not in out, "gfortran is installable here: run `make install`"
+    assert float(re.search(r"Fortran: worst \|IFT - FD\| = (\S+)", out).group(1)) < 1e-6
+    assert float(re.search(r"Fortran batch: max \|pool - serial\| = (\S+)", out).group(1)) == 0.0
 
 
 def test_program_that_never_reads_its_stdin_still_times_out(runs):
