@@ -1,6 +1,10 @@
 """Supervisor of one `bbd.Executable` run: a stand-alone script, run as ``python -I -S _launcher.py``.
 
-Usage: ``_launcher.py STATUS_FD PARENT_PID RUN_DIR -- PROGRAM [ARG ...]``
+Usage: ``_launcher.py STATUS_FD PARENT_PID RUN_DIR LC_CTYPE -- PROGRAM [ARG ...]``
+
+The program gets this process's environment as the caller passed it. LC_CTYPE (``-`` when unset, else
+``=VALUE``) is passed again on the command line because Python's start-up coerces a C locale by setting
+``LC_CTYPE=C.UTF-8`` in its own environment (PEP 538), which the program must not inherit.
 
 It starts the program, waits for it, then kills everything the program started, and writes one line to
 the pipe STATUS_FD: ``exit N``, ``signal N``, ``start-error ERRNO MESSAGE`` or ``stopped [exit|signal N]``.
@@ -123,8 +127,12 @@ class Supervisor:
 
 
 def main(argv):
-    status_fd, parent, run_dir, program = int(argv[1]), int(argv[2]), argv[3], argv[5:]
+    status_fd, parent, run_dir, lc_ctype, program = int(argv[1]), int(argv[2]), argv[3], argv[4], argv[6:]
     os.set_inheritable(status_fd, False)
+    env = dict(os.environ)
+    env.pop("LC_CTYPE", None)
+    if lc_ctype.startswith("="):
+        env["LC_CTYPE"] = lc_ctype[1:]
     sup = Supervisor(_linux_guards())
     for sig in STOP_SIGNALS:
         signal.signal(sig, _stop)
@@ -134,7 +142,7 @@ def main(argv):
             raise Stop(0)  # the caller died before PR_SET_PDEATHSIG was armed
         # SIGPIPE and SIGXFSZ are ignored by Python; the program gets the default dispositions back.
         group = {} if sup.subreaper else {"setpgroup": 0}
-        sup.pid = os.posix_spawnp(program[0], program, os.environ, setsigdef=(signal.SIGPIPE, signal.SIGXFSZ),
+        sup.pid = os.posix_spawnp(program[0], program, env, setsigdef=(signal.SIGPIPE, signal.SIGXFSZ),
                                   **group)
         sup.reap(block=True)
         status = sup.status or "stopped"

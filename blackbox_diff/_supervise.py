@@ -42,6 +42,19 @@ _DIRS: set[str] = set()
 _PREVIOUS: dict[int, object] = {}
 
 
+def _forget_after_fork() -> None:
+    """A forked child (a process-pool worker) does not own its parent's runs: a SIGTERM it gets must not
+    stop them."""
+    global _LOCK
+    _LOCK = threading.RLock()
+    _LIVE.clear()
+    _DIRS.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_after_fork)
+
+
 @dataclasses.dataclass
 class RunResult:
     """What one run came to.
@@ -189,7 +202,8 @@ def run(
     status_r, status_w = os.pipe()
     try:
         proc = subprocess.Popen(
-            [sys.executable, "-I", "-S", LAUNCHER, str(status_w), str(os.getpid()), cwd, "--", *argv],
+            [sys.executable, "-I", "-S", LAUNCHER, str(status_w), str(os.getpid()), cwd,
+             "=" + env["LC_CTYPE"] if "LC_CTYPE" in env else "-", "--", *argv],
             cwd=cwd,
             env=dict(env),
             stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,

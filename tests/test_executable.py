@@ -227,6 +227,18 @@ def test_json_and_npy_protocols_private_dir_explicit_env(echo, runs, io, monkeyp
     assert os.listdir(runs) == []
 
 
+def test_the_program_sees_exactly_the_environment_it_is_given(runs, monkeypatch):
+    monkeypatch.setenv("BBD_SECRET", "do not leak")
+    monkeypatch.setenv("LC_ALL", "")
+    exe = bbd.Executable(["/bin/sh", "-c", "env >&2; exit 1"], io="text", env={"MY_OPTION": "on"}, workdir=runs)
+    with pytest.raises(bbd.SolverError) as info:
+        exe(np.array(1.0))
+    seen = dict(line.split("=", 1) for line in info.value.stderr_tail.splitlines())
+    seen.pop("PWD", None)  # set by sh itself
+    assert seen == {"PATH": os.environ["PATH"], "LANG": "C", "HOME": seen["HOME"], "MY_OPTION": "on"}
+    assert os.path.basename(seen["HOME"]).startswith("bbd-run-")  # the run directory
+
+
 def test_stdin_and_stdout_when_no_placeholders(runs):
     code = "import sys; print(' '.join(str(2*float(v)) for v in sys.stdin.read().split()))"
     exe = bbd.Executable([sys.executable, "-c", code], io="text", workdir=runs)

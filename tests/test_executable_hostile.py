@@ -97,6 +97,19 @@ def test_stdout_and_output_file_share_one_cap(guard):
     assert executable(guard, [sys.executable, "-c", code, "{output}"], max_output_bytes=120)(np.array(1.0)).size == 15
 
 
+def test_a_flood_on_stderr_keeps_only_its_tail(guard):
+    code = ("import sys\nfor i in range(400_000): sys.stderr.write(f'log line {i:07d} ' + 'x' * 100 + '\\n')\n"
+            "print(2.0)")  # ~45 MB of log
+    exe = executable(guard, [sys.executable, "-c", code], timeout=120, max_stderr_bytes=4096)
+    assert exe(np.array(1.0)).tolist() == [2.0]
+    failing = executable(guard, [sys.executable, "-c", code.replace("print(2.0)", "sys.exit(4)")], timeout=120,
+                         max_stderr_bytes=4096)
+    with pytest.raises(bbd.SolverError, match=re.escape("exited with status 4")) as info:
+        failing(np.array(1.0))
+    tail = info.value.stderr_tail.splitlines()
+    assert tail[-1].startswith("log line 0399999 ") and len(tail) == 20  # the last 20 lines, nothing older
+
+
 # --- processes that escape -------------------------------------------------------------------------------
 DAEMON = """
     import os, sys, time
@@ -168,7 +181,7 @@ def test_two_numbers_for_three_unknowns_is_the_programs_failure(tmp_path, guard)
     with pytest.raises(bbd.SolverError, match=re.escape(
             "wrote a solution of shape (2,) (2 numbers), expected shape (3,) (3 numbers)")) as info:
         layer(torch.tensor([-1.0, 2.0, 3.0]))
-    assert str(info.value).startswith(f"Executable {os.path.basename(sys.executable)!r} ")  # names the program
+    assert f"Executable {os.path.basename(sys.executable)!r} wrote" in str(info.value)  # names the program
     isolated = bbd.layer(exe, condition=bbd.Root(lambda x, p: x - 2 * p), parameters=[(3,)], variables=[(3,)],
                          on_failure="nan")
     P = torch.tensor([[1.0, 2.0, 3.0], [-1.0, 2.0, 3.0], [4.0, 5.0, 6.0]], requires_grad=True)
