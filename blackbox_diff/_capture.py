@@ -48,7 +48,7 @@ def solver_path(solve: Callable) -> tuple[str | None, str | None, bool]:
     module = getattr(solve, "__module__", None)
     qualname = getattr(solve, "__qualname__", None)
     if module is None or qualname is None:
-        return None, f"a {type(solve).__name__} instance has no module-level name", False
+        return None, f"an instance of {type(solve).__name__} has no module-level name", False
     if "<lambda>" in qualname or "<locals>" in qualname:
         return None, f"{qualname!r} is a lambda or a closure defined inside a function", False
     try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -440,3 +441,36 @@ def test_an_unpicklable_exception_keeps_its_type_unless_it_crosses_a_process(tmp
     assert rec["error"]["cause_type"] == ("RuntimeError" if executor == "processes" else "Locked")
     (res,) = replay(path, solver=locked_solver)
     assert res.outcome == "raised" and res.reproduced is (executor != "processes")
+
+
+EXE_MODULE = """
+import sys
+import blackbox_diff as bbd
+
+# A legacy program that gives up on negative input, as the user's own module would define it.
+PROGRAM = "import sys; w = float(open(sys.argv[1]).read()); sys.exit('negative input') if w < 0 else print(w ** 0.5)"
+exe = bbd.Executable([sys.executable, "-c", PROGRAM, "{input}"], io="text", timeout=30)
+"""
+
+
+def test_a_captured_executable_failure_is_not_run_by_default_and_reproduced_with_solver(tmp_path, capsys):
+    module = tmp_path / "my_programs.py"
+    module.write_text(EXE_MODULE)
+    spec = importlib.util.spec_from_file_location("my_programs_for_capture", module)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    path = tmp_path / "fail.jsonl"
+    fn = bbd.implicit(ROOT, in_dims=0, on_failure="nan", capture_failures=str(path))(mod.exe)
+    with pytest.warns(RuntimeWarning, match=re.escape("exited with status 1")):
+        fn(torch.tensor([4.0, -1.0]))
+    (rec,) = load_records(path)
+    assert rec["solver"] is None and rec["why_not_importable"] == "an instance of Executable has no module-level name"
+    assert _replay.main([str(path)]) == 1
+    out = capsys.readouterr().out
+    assert "(batch index 1): NOT RUN" in out and "NOT REPRODUCED" not in out
+    assert "the file names nothing importable (an instance of Executable has no module-level name)" in out
+    assert "pass --solver MODULE:NAME" in out
+    assert _replay.main([str(path), "--solver", f"{module}:exe"]) == 0
+    out = capsys.readouterr().out
+    assert "(batch index 1): REPRODUCED" in out
+    assert f"replay:   raised: SolverError: Executable {os.path.basename(sys.executable)!r} exited with status 1" in out
