@@ -155,11 +155,15 @@ def _call_chunk(solve: Callable, chunk: list[tuple]) -> list[tuple[bool, Any]]:
             try:
                 pickle.dumps(err)
             except Exception:  # noqa: BLE001 - it could not travel back from a worker process as it is
-                # Keep it (type included) where no process boundary is crossed; only if it is pickled to
-                # cross one does it become a RuntimeError naming its type (pickle looks __reduce_ex__ up on
-                # the instance first).
-                portable = (RuntimeError, (f"{type(err).__name__}: {err}",))
-                err.__reduce_ex__ = lambda _protocol, portable=portable: portable
+                import multiprocessing
+
+                text = f"{type(err).__name__}: {err}"
+                if multiprocessing.parent_process() is not None:  # a pool worker: the result goes back pickled
+                    err = RuntimeError(text)
+                else:  # the calling process: it keeps its type; pickled after all (a remote executor that is
+                    # not a multiprocessing child), it becomes the RuntimeError (pickle looks __reduce_ex__ up
+                    # on the instance, unless a copyreg reducer registered for its class comes first)
+                    err.__reduce_ex__ = lambda _protocol, portable=(RuntimeError, (text,)): portable
             out.append((False, err))
     return out
 

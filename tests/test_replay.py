@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copyreg
 import importlib.util
 import json
 import os
@@ -425,8 +426,19 @@ def locked_solver(w):
     raise Locked(f"solver state is locked at w={float(w)}")
 
 
+def _tblib_style_reducer(err):
+    # What tblib.pickling_support.install() (imported by dask.distributed) registers for every exception
+    # class: a copyreg reducer that pickles the instance's __dict__ (here: a lock) and comes before
+    # anything set on the instance.
+    return Locked, (str(err),), err.__dict__
+
+
+@pytest.mark.parametrize("copyreg_reducer", [False, True], ids=["plain", "tblib-installed"])
 @pytest.mark.parametrize("executor", [None, "threads", "processes"])
-def test_an_unpicklable_exception_keeps_its_type_unless_it_crosses_a_process(tmp_path, executor):
+def test_an_unpicklable_exception_keeps_its_type_unless_it_crosses_a_process(tmp_path, monkeypatch, executor,
+                                                                             copyreg_reducer):
+    if copyreg_reducer:
+        monkeypatch.setitem(copyreg.dispatch_table, Locked, _tblib_style_reducer)
     path = tmp_path / "fail.jsonl"
     fn = bbd.implicit(ROOT, in_dims=0, on_failure="raise", executor=executor, max_workers=2,
                       capture_failures=str(path))(locked_solver)
