@@ -319,14 +319,16 @@ def _result(outcome: str | None, words: list[str], stdout: bytes, stderr: bytes,
 def install_signal_handlers() -> None:
     """Make SIGTERM and SIGINT stop every live run and remove its directory before the previous handler.
 
-    Only the main thread may install signal handlers; elsewhere this does nothing. The previous handler
-    still runs (KeyboardInterrupt, the user's own handler, or the default action: termination).
+    Done once per process, and only from the main thread (the only one that may install signal handlers;
+    elsewhere this does nothing). The previous handler still runs (KeyboardInterrupt, the user's own
+    handler, or the default action: termination).
     """
     if threading.current_thread() is not threading.main_thread():
         return
     for sig in (signal.SIGTERM, signal.SIGINT):
+        # Once per process: a handler installed later over ours (that may call ours) is left alone.
         current = signal.getsignal(sig)
-        if current is _on_signal or current is None:  # None: a handler installed outside Python; keep it
+        if sig in _PREVIOUS or current is None:  # None: a handler installed outside Python; keep it
             continue
         with contextlib.suppress(ValueError, OSError):
             signal.signal(sig, _on_signal)
