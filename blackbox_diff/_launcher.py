@@ -16,11 +16,13 @@ Why a process of its own: on Linux it makes itself a *child subreaper* (``prctl(
 so every process the program starts, even one that leaves the process group or the session (a daemon
 started with ``setsid``, a double fork), is re-parented to it when its own parent dies and is found by
 walking ``/proc``: all of them are killed when the program exits or is stopped. It also asks for
-SIGTERM when the calling process dies (``PR_SET_PDEATHSIG``): then it kills the program's processes and
-removes the run directory, so that even a caller killed with SIGKILL leaves nothing behind. Elsewhere
-(macOS, BSD) the program gets a process group of its own and that group is killed.
+SIGUSR2 when the calling thread dies (``PR_SET_PDEATHSIG``): then it kills the program's processes and,
+once the calling process is gone, removes the run directory, so that even a caller killed with SIGKILL
+leaves nothing behind. Elsewhere (macOS, BSD) the program gets a process group of its own and that group
+is killed.
 
-SIGTERM, SIGINT, SIGHUP or SIGUSR1 stop the run: the caller sends SIGTERM at its deadline.
+SIGTERM, SIGINT, SIGHUP or SIGUSR1 stop the run (the caller sends SIGTERM at its deadline); SIGUSR2 says
+the caller died.
 """
 
 import _signal as signal  # the C module: `signal` imports enum, which would double the start-up time
@@ -30,7 +32,9 @@ import time
 
 PR_SET_PDEATHSIG = 1
 PR_SET_CHILD_SUBREAPER = 36
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
+ORPHANED = signal.SIGUSR2  # the parent-death signal
+ORPHAN_WAIT = 5.0  # seconds for the dying caller to be gone (its other threads exit after the one that spawned us)
 KILL_WINDOW = 5.0  # seconds to hunt down processes that keep forking while they are being killed
 
 
@@ -52,7 +56,7 @@ def _linux_guards():
         libc = ctypes.CDLL(None, use_errno=True)
         if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
             return False
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        libc.prctl(PR_SET_PDEATHSIG, ORPHANED, 0, 0, 0)
     except (OSError, AttributeError):
         return False
     return True
@@ -126,6 +130,16 @@ class Supervisor:
             time.sleep(0.001)
 
 
+def _gone(parent):
+    """Whether the calling process is gone. The parent-death signal comes when the *thread* that started
+    us exits; while the caller's other threads are still exiting we are re-parented to one of them, so
+    wait for the re-parenting to the next subreaper or init."""
+    give_up = time.monotonic() + ORPHAN_WAIT
+    while os.getppid() == parent and time.monotonic() < give_up:
+        time.sleep(0.01)
+    return os.getppid() != parent
+
+
 def main(argv):
     status_fd, parent, run_dir, lc_ctype, program = int(argv[1]), int(argv[2]), argv[3], argv[4], argv[6:]
     os.set_inheritable(status_fd, False)
@@ -136,18 +150,18 @@ def main(argv):
     sup = Supervisor(_linux_guards())
     for sig in STOP_SIGNALS:
         signal.signal(sig, _stop)
-    status = "stopped"
+    status, orphaned = "stopped", False
     try:
         if os.getppid() != parent:
-            raise Stop(0)  # the caller died before PR_SET_PDEATHSIG was armed
+            raise Stop(ORPHANED)  # the caller died before PR_SET_PDEATHSIG was armed
         # SIGPIPE and SIGXFSZ are ignored by Python; the program gets the default dispositions back.
         group = {} if sup.subreaper else {"setpgroup": 0}
         sup.pid = os.posix_spawnp(program[0], program, env, setsigdef=(signal.SIGPIPE, signal.SIGXFSZ),
                                   **group)
         sup.reap(block=True)
         status = sup.status or "stopped"
-    except Stop:
-        pass
+    except Stop as stop:
+        orphaned = stop.args[0] == ORPHANED
     except OSError as err:  # the program could not be started
         status = f"start-error {err.errno} {err.strerror}"
     finally:
@@ -156,7 +170,7 @@ def main(argv):
         sup.kill_all()
         if status == "stopped" and sup.status is not None:
             status = f"stopped {sup.status}"
-        if os.getppid() != parent:  # the caller is gone: nobody else will remove the run directory
+        if orphaned and _gone(parent):  # nobody else will remove the run directory
             import shutil
 
             shutil.rmtree(run_dir, ignore_errors=True)
