@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 # Benchmark anchors whose metadata pins numpy<2 though they run on numpy 2: installed without their deps.
 ANCHORS_NODEPS := mpc==0.0.6 qpth==0.0.18
 
-.PHONY: demo test lint install docs bench clean
+.PHONY: demo test lint install docs bench clean fuzz gfortran
 
 $(STAMP): pyproject.toml Makefile
 	test -d $(VENV) || $(PY) -m venv $(VENV)
@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install -q --no-deps $(ANCHORS_NODEPS)
 	touch $(STAMP)
 
-install: $(STAMP)
+install: $(STAMP) gfortran
 
 demo: $(STAMP)
 	$(BIN)/blackbox-diff demo
@@ -26,7 +26,7 @@ demo: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
-test: $(STAMP)
+test: $(STAMP) gfortran
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -n 2 --dist loadfile -q
 
@@ -35,6 +35,25 @@ docs: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/blackbox-diff bench
+
+# gfortran builds the Fortran legacy program of the tests and of examples/legacy_executable.py. Installed from
+# the distribution's packages when missing (Debian/Ubuntu, as root); elsewhere a note, and those tests skip.
+gfortran:
+	@command -v gfortran >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    apt-get install -y -q gfortran || { apt-get update -q && apt-get install -y -q gfortran; }; \
+	  else echo "note: no gfortran, and no root/apt-get to install it: the Fortran tests will skip"; fi; }
+
+# The fuzz suites at scale: >= 10,000 generated cases (tests/fuzzing.py's "fuzz" profile; CI runs the small
+# "ci" profile with the rest of the tests). Prints hypothesis' statistics and the total of cases run.
+FUZZ_TESTS := tests/test_fuzz.py tests/test_executable_fuzz.py tests/test_textio.py
+fuzz: $(STAMP) gfortran
+	@BBD_FUZZ_PROFILE=fuzz $(BIN)/python -m pytest -n 2 --dist loadfile -q --hypothesis-show-statistics \
+	  $(FUZZ_TESTS) > $(VENV)/fuzz.log 2>&1; status=$$?; cat $(VENV)/fuzz.log; \
+	  awk '/during generate phase/ {g = 1} /during (reuse|explicit|target|shrink) phase/ {g = 0} \
+	    g && / passing, / {n += $$2} END {print "generated cases run (generate phase):", n; if (n < 10000) exit 1}' \
+	    $(VENV)/fuzz.log \
+	  && exit $$status
 
 clean:
 	rm -rf $(VENV) build dist site *.egg-info

@@ -164,8 +164,16 @@ def _call_chunk(solve: Callable, chunk: list[tuple]) -> list[tuple[bool, Any]]:
         except Exception as err:  # noqa: BLE001 - every failure becomes a per-instance result
             try:
                 pickle.dumps(err)
-            except Exception:  # noqa: BLE001 - the exception cannot travel back from a worker process
-                err = RuntimeError(f"{type(err).__name__}: {err}")
+            except Exception:  # noqa: BLE001 - it could not travel back from a worker process as it is
+                import multiprocessing
+
+                text = f"{type(err).__name__}: {err}"
+                if multiprocessing.parent_process() is not None:  # a pool worker: the result goes back pickled
+                    err = RuntimeError(text)
+                else:  # the calling process: it keeps its type; pickled after all (a remote executor that is
+                    # not a multiprocessing child), it becomes the RuntimeError (pickle looks __reduce_ex__ up
+                    # on the instance, unless a copyreg reducer registered for its class comes first)
+                    err.__reduce_ex__ = lambda _protocol, portable=(RuntimeError, (text,)): portable
             out.append((False, err))
     return out
 

@@ -1,159 +1,50 @@
-"""Capture and replay of failing black-box calls (`capture_failures=PATH`, `blackbox-diff replay PATH`).
+"""Replay of captured failures (`blackbox-diff replay FILE`), safe by default.
 
-A capture file is JSON lines: one self-contained record per failing instance, appended, never pickled, so
-it can be attached to a bug report and read by any language. A record holds
+Trust model. A capture file (written by ``capture_failures=``, see `blackbox_diff._capture`) is data: its
+parameters are only ever parsed as JSON numbers and nothing is unpickled. But a record also *names code*:
+the solver's import path (``module:qualname``) and, for a solver defined in a script, the script's file.
+Importing a module or loading a script runs its code, so replay never does that on the file's word:
 
-    {"format": "blackbox-diff-failure/1",
-     "solver": "package.module:function" | null,   # null: not importable (lambda, closure, instance)
-     "importable": true | false, "why_not_importable": "...", "unwrap": false,
-     "solver_repr": "...", "solver_file": "...",
-     "args": [{"kind": "numpy" | "torch", "dtype": "float64", "device": "cpu", "shape": [3], "data": [...]}],
-     "error": {"type": "SolverError", "message": "...", "cause_type": "RuntimeError", "cause_message": "..."},
-     "batch_index": 2 | null, "timestamp": "2026-...Z", "versions": {"python": ..., "numpy": ..., ...}}
+* by default nothing runs: each record is listed with the code it names and how to run it;
+* ``--solver MODULE:NAME`` (``solver=``) runs the solver *you* name on the command line on every record's
+  parameters (``MODULE`` is imported as ``python -m`` would, the current directory first;
+  ``path/to/file.py:NAME`` loads that file);
+* ``--trust`` (``trust=True``) runs the code the records name: for files you wrote yourself or trust as
+  you would trust code.
 
-Parameters are stored as nested lists of float64 numbers in Python's shortest round-trip notation, so a
-replay sees bit-identical inputs. `replay` imports the solver, calls it on the recorded parameters and
-says whether it fails the same way: it raises an exception of the recorded type (a solver that raised),
-or returns a value the engine rejects again (NaN, Inf or not numbers). A certification failure cannot be
-re-judged without the optimality condition: such a replay reports what the solver returned and leaves
-`reproduced` as None.
+A replay says whether the solver fails the same way: it raises an exception of the recorded type (a solver
+that raised), or returns a value the engine rejects again (NaN, Inf or not numbers). A certification
+failure cannot be re-judged without the optimality condition: such a replay reports what the solver
+returned and leaves `reproduced` as None.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import importlib
 import importlib.util
-import inspect
 import json
-import platform
+import math
+import os
 import sys
-import threading
-import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from blackbox_diff._capture import FORMAT, record_failure, resolve, unwrap
 from blackbox_diff._errors import BlackBoxDiffError, CertificationError, InputError
 
-__all__ = ["FORMAT", "ReplayResult", "load_records", "main", "record_failure", "replay", "solver_path"]
+__all__ = ["FORMAT", "ReplayResult", "add_arguments", "load_records", "load_solver", "main", "record_failure",
+           "replay", "run"]
 
-FORMAT = "blackbox-diff-failure/1"
-_LOCK = threading.Lock()  # one record = one write; threads of one process never interleave lines
-
-
-# --- capture -------------------------------------------------------------------------------------------
-def solver_path(solve: Callable) -> tuple[str | None, str | None, bool]:
-    """(``module:qualname`` of `solve`, None, unwrap) or (None, why it cannot be imported, False).
-
-    A function decorated in place by `bbd.implicit` is importable: its name holds the wrapper, whose
-    ``__wrapped__`` is the solver (the replay unwraps it).
-    """
-    module = getattr(solve, "__module__", None)
-    qualname = getattr(solve, "__qualname__", None)
-    if module is None or qualname is None:
-        return None, f"a {type(solve).__name__} instance has no module-level name", False
-    if "<lambda>" in qualname or "<locals>" in qualname:
-        return None, f"{qualname!r} is a lambda or a closure defined inside a function", False
-    try:
-        target = _resolve(module, qualname, getattr(sys.modules.get(module), "__file__", None))
-    except Exception as err:  # noqa: BLE001 - any import problem only means "not importable"
-        return None, f"importing {module}:{qualname} failed ({type(err).__name__}: {err})", False
-    if target is not solve and _unwrap(target) is not solve:
-        return None, f"{module}:{qualname} names a different object than the solver", False
-    return f"{module}:{qualname}", None, target is not solve
+_DTYPES = ("float64", "float32", "float16", "bfloat16")
+HOW_TO_RUN = ("replay runs only code you name: pass --solver MODULE:NAME (solver=) to run your solver on the "
+              "recorded parameters, or --trust (trust=True) to run the code the file names, for files you trust")
 
 
-def _unwrap(obj: Any) -> Any:
-    inner = getattr(obj, "__wrapped__", None)
-    return obj if inner is None else inner
-
-
-def _array_record(value: Any) -> dict[str, Any]:
-    kind = "numpy"
-    dtype, device = "float64", "cpu"
-    if hasattr(value, "detach") and hasattr(value, "dtype"):  # a torch tensor (arrays="torch")
-        kind, dtype, device = "torch", str(value.dtype).replace("torch.", ""), str(value.device)
-        value = value.detach().to("cpu").double().numpy()
-    arr = np.asarray(value, dtype=np.float64)
-    data = arr.tolist()
-    return {"kind": kind, "dtype": dtype, "device": device, "shape": list(arr.shape), "data": data}
-
-
-def _versions() -> dict[str, str]:
-    out = {"python": platform.python_version(), "platform": platform.platform(), "numpy": np.__version__}
-    for name in ("torch", "scipy", "blackbox_diff"):
-        mod = sys.modules.get(name)
-        if mod is not None:
-            out[name] = str(getattr(mod, "__version__", "unknown"))
-    return out
-
-
-def _error_record(error: BaseException) -> dict[str, Any]:
-    cause = error.__cause__
-    return {
-        "type": type(error).__name__,
-        "message": str(error),
-        "cause_type": None if cause is None else type(cause).__name__,
-        "cause_message": None if cause is None else str(cause),
-    }
-
-
-def record_failure(
-    path: str | Path, solve: Callable, args: tuple, error: BaseException, batch_index: int | None
-) -> None:
-    """Append one failing black-box call to the capture file `path` (JSON lines; see the module doc).
-
-    Never raises: a capture that cannot be written warns (RuntimeWarning), so the original failure is
-    what the caller sees.
-
-    Args:
-        path: the capture file; created (with its folder) on first use, appended to afterwards.
-        solve: the black box that failed.
-        args: the arguments it was called with (numpy arrays, or torch tensors under arrays="torch").
-        error: the error the engine raised or turned into NaN for this instance.
-        batch_index: the instance's index in the batch (None for an unbatched call).
-    """
-    try:
-        name, why, unwrap = solver_path(solve)
-        try:
-            source_file = inspect.getsourcefile(solve)
-        except TypeError:  # builtins and callable instances have no source file
-            source_file = None
-        record = {
-            "format": FORMAT,
-            "solver": name,
-            "importable": name is not None,
-            "why_not_importable": why,
-            "unwrap": unwrap,
-            "solver_repr": repr(solve)[:200],
-            "solver_file": source_file,
-            "args": [_array_record(a) for a in args],
-            "error": _error_record(error),
-            "batch_index": batch_index,
-            "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds"),
-            "versions": _versions(),
-        }
-        line = json.dumps(record, allow_nan=True) + "\n"
-        target = Path(path)
-        with _LOCK:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            with target.open("a", encoding="utf-8") as fh:
-                fh.write(line)
-    except Exception as err:  # noqa: BLE001 - the capture must never hide the solver's own failure
-        warnings.warn(
-            f"capture_failures could not record the failing call to {str(path)!r}: {type(err).__name__}: "
-            f"{err}. Check that the path is writable and the parameters are numbers.",
-            RuntimeWarning,
-            stacklevel=2,
-        )
-
-
-# --- replay --------------------------------------------------------------------------------------------
 @dataclasses.dataclass
 class ReplayResult:
     """The outcome of re-running one recorded failure.
@@ -164,10 +55,11 @@ class ReplayResult:
         batch_index: the instance's batch index in the original call.
         recorded: "Type: message" of the recorded error.
         outcome: "raised" (the solver raised again), "returned" (it returned a value), or "not run"
-            (the solver could not be imported).
-        reproduced: True when it failed the same way, False when not, None when a re-run alone cannot
-            tell (a certification failure needs the optimality condition).
-        detail: the new exception ("Type: message"), a summary of the returned value, or why it was not run.
+            (nothing was run: no solver named and no trust given, or the named code could not be loaded).
+        reproduced: True when it failed the same way, False when it did not, None when nothing ran or a
+            re-run alone cannot tell (a certification failure needs the optimality condition).
+        detail: the new exception ("Type: message"), a summary of the returned value, or why it was not
+            run and how to run it.
         value: what the solver returned (None unless outcome == "returned").
     """
 
@@ -181,28 +73,12 @@ class ReplayResult:
     value: Any = None
 
 
-def _resolve(module: str, qualname: str, file: str | None) -> Any:
-    if module == "__main__" and file and getattr(sys.modules.get("__main__"), "__file__", None) != file:
-        # A script's solver: load the script under another name, so its `if __name__ == "__main__":`
-        # block (the training loop) does not run.
-        spec = importlib.util.spec_from_file_location("_bbd_replay_main", file)
-        if spec is None or spec.loader is None:
-            raise ImportError(f"cannot load {file}")
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-    else:
-        mod = importlib.import_module(module)
-    obj: Any = mod
-    for part in qualname.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
+# --- reading a capture file --------------------------------------------------------------------------------
 def load_records(path: str | Path) -> list[dict[str, Any]]:
-    """Read a capture file.
+    """Read and check a capture file (an empty file gives an empty list).
 
     Raises:
-        InputError: the file is missing, or a line is not a record written by `record_failure`.
+        InputError: the file is missing, or a line is not a well-formed record written by `record_failure`.
     """
     target = Path(path)
     if not target.is_file():
@@ -210,8 +86,13 @@ def load_records(path: str | Path) -> list[dict[str, Any]]:
             f"No capture file at {str(path)!r}. Expected the file written by capture_failures=PATH; check the "
             "path (a capture file only exists once a call has failed)."
         )
+    try:
+        text = target.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise InputError(f"{str(path)!r} cannot be read as a capture file ({err}); expected UTF-8 JSON lines "
+                         "written by capture_failures=.") from err
     records = []
-    for number, line in enumerate(target.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:
@@ -227,8 +108,59 @@ def load_records(path: str | Path) -> list[dict[str, Any]]:
                 f"Line {number} of {str(path)!r} has format {got!r}; expected {FORMAT!r}. The file was not "
                 "written by capture_failures= of this version of blackbox-diff."
             )
+        problem = _malformed(rec)
+        if problem is not None:
+            raise InputError(
+                f"Line {number} of {str(path)!r} is not a well-formed capture record: {problem}. Expected a record "
+                "as written by capture_failures=; fix or remove that line."
+            )
         records.append(rec)
     return records
+
+
+def _malformed(rec: dict[str, Any]) -> str | None:
+    """What is wrong with a record (None: nothing)."""
+    error = rec.get("error")
+    if not isinstance(error, dict) or not isinstance(error.get("type"), str) or not isinstance(
+            error.get("message"), str):
+        return "'error' must be an object with string 'type' and 'message'"
+    if not isinstance(error.get("cause_type"), (str, type(None))):
+        return "'error.cause_type' must be a string or null"
+    solver = rec.get("solver")
+    if solver is not None and not (isinstance(solver, str) and ":" in solver):
+        return f"'solver' must be 'module:qualname' or null; got {solver!r}"
+    for key in ("solver_file", "why_not_importable", "solver_repr"):
+        if not isinstance(rec.get(key), (str, type(None))):
+            return f"{key!r} must be a string or null"
+    index = rec.get("batch_index")
+    if index is not None and (isinstance(index, bool) or not isinstance(index, int)):
+        return f"'batch_index' must be an integer or null; got {index!r}"
+    args = rec.get("args")
+    if not isinstance(args, list):
+        return "'args' must be a list of arrays"
+    for k, arg in enumerate(args):
+        problem = _malformed_array(arg)
+        if problem is not None:
+            return f"args[{k}]: {problem}"
+    return None
+
+
+def _malformed_array(arg: Any) -> str | None:
+    if not isinstance(arg, dict):
+        return "expected an object with 'shape' and 'data'"
+    shape = arg.get("shape")
+    if not isinstance(shape, list) or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0
+                                              for n in shape):
+        return f"'shape' must be a list of non-negative integers; got {shape!r}"
+    if arg.get("kind", "numpy") not in ("numpy", "torch") or arg.get("dtype", "float64") not in _DTYPES:
+        return f"'kind' must be 'numpy' or 'torch' and 'dtype' one of {list(_DTYPES)}"
+    try:
+        data = np.asarray(arg.get("data"), dtype=np.float64)
+    except (TypeError, ValueError) as err:
+        return f"'data' is not a (nested) list of numbers ({err})"
+    if data.size != math.prod(shape):
+        return f"'data' holds {data.size} numbers, but 'shape' {shape} needs {math.prod(shape)}"
+    return None
 
 
 def _rebuild(arg: dict[str, Any]) -> Any:
@@ -238,6 +170,50 @@ def _rebuild(arg: dict[str, Any]) -> Any:
 
         return torch.as_tensor(arr).to(getattr(torch, arg.get("dtype", "float64")))
     return arr
+
+
+# --- replaying ---------------------------------------------------------------------------------------------
+def load_solver(spec: str) -> Callable:
+    """The callable `spec` names: ``MODULE:NAME`` (imported, the current directory first) or ``FILE.py:NAME``.
+
+    Raises:
+        InputError: `spec` is malformed, or the module, file or name cannot be loaded.
+    """
+    module, sep, qualname = spec.rpartition(":")
+    if not sep or not module or not qualname:
+        raise InputError(f"--solver must be MODULE:NAME (e.g. mypkg.solvers:solve) or FILE.py:NAME; got {spec!r}.")
+    try:
+        if module.endswith(".py") or os.sep in module:
+            path = Path(module).resolve()
+            loader = importlib.util.spec_from_file_location("_bbd_replay_solver", path)
+            if loader is None or loader.loader is None or not path.is_file():
+                raise ImportError(f"no Python file at {str(path)!r}")
+            obj: Any = importlib.util.module_from_spec(loader)
+            loader.loader.exec_module(obj)
+        else:
+            if os.getcwd() not in sys.path and "" not in sys.path:
+                sys.path.insert(0, os.getcwd())  # as `python -m` does
+            obj = importlib.import_module(module)
+        for part in qualname.split("."):
+            obj = getattr(obj, part)
+    except Exception as err:  # noqa: BLE001 - any failure to load the named code is the user's to fix
+        raise InputError(f"--solver {spec!r} cannot be loaded ({type(err).__name__}: {err}). Check the module or "
+                         "file and the name.") from err
+    if not callable(obj):
+        raise InputError(f"--solver {spec!r} names a {type(obj).__name__}, not a callable solver.")
+    from blackbox_diff._implicit import ImplicitFunction
+
+    return unwrap(obj) if isinstance(obj, ImplicitFunction) else obj
+
+
+def _named_code(rec: dict[str, Any]) -> str:
+    """What running a record's own solver would run, in words."""
+    if not rec.get("importable") or not rec.get("solver"):
+        return f"nothing importable ({rec.get('why_not_importable') or 'no import path recorded'})"
+    module, qualname = rec["solver"].split(":", 1)
+    if module == "__main__" and rec.get("solver_file"):
+        return f"{qualname} from the script {rec['solver_file']} (loaded without its __main__ block)"
+    return f"{rec['solver']} (imports the module {module})"
 
 
 def _summary(value: Any) -> tuple[str, bool]:
@@ -254,22 +230,23 @@ def _summary(value: Any) -> tuple[str, bool]:
     return f"array of shape {arr.shape}: [{head}]" + (" (contains NaN/Inf)" if bad else ""), bad
 
 
-def _replay_one(k: int, rec: dict[str, Any], solver: Callable | None) -> ReplayResult:
+def _replay_one(k: int, rec: dict[str, Any], solver: Callable | None, trust: bool) -> ReplayResult:
     err = rec["error"]
     recorded = f"{err['type']}: {err['message']}"
-    name = rec.get("solver") or rec.get("solver_repr", "?")
+    name = rec.get("solver") or rec.get("solver_repr") or "?"
     base = {"record": k, "solver": name, "batch_index": rec.get("batch_index"), "recorded": recorded}
     if solver is None:
-        if not rec.get("importable"):
-            why = f"the solver is not importable ({rec.get('why_not_importable')}); pass solver= (--solver)"
-            return ReplayResult(**base, outcome="not run", reproduced=False, detail=why)
+        named = _named_code(rec)
+        if not trust or not rec.get("importable") or not rec.get("solver"):
+            why = "not importable, so only --solver can run it" if trust else HOW_TO_RUN
+            return ReplayResult(**base, outcome="not run", reproduced=None, detail=f"the file names {named}; {why}")
         module, qualname = rec["solver"].split(":", 1)
         try:
-            solver = _resolve(module, qualname, rec.get("solver_file"))
-            solver = _unwrap(solver) if rec.get("unwrap") else solver
+            solver = resolve(module, qualname, rec.get("solver_file"))
+            solver = unwrap(solver) if rec.get("unwrap") else solver
         except Exception as exc:  # noqa: BLE001 - reported per record
-            detail = f"importing {rec['solver']} failed: {type(exc).__name__}: {exc}"
-            return ReplayResult(**base, outcome="not run", reproduced=False, detail=detail)
+            detail = f"loading {named} failed: {type(exc).__name__}: {exc}"
+            return ReplayResult(**base, outcome="not run", reproduced=None, detail=detail)
     args = [_rebuild(a) for a in rec["args"]]
     try:
         value = solver(*args)
@@ -286,17 +263,21 @@ def _replay_one(k: int, rec: dict[str, Any], solver: Callable | None) -> ReplayR
 
 
 def replay(
-    path: str | Path, *, index: int | None = None, solver: Callable | None = None
+    path: str | Path, *, index: int | None = None, solver: Callable | None = None, trust: bool = False
 ) -> list[ReplayResult]:
     """Re-run the failing calls recorded in `path` and say whether each fails the same way.
+
+    Nothing runs unless you name the code (`solver`) or trust the file (`trust`): see the module docstring.
 
     Args:
         path: a capture file written by capture_failures=.
         index: replay only this record (0-based; negative counts from the end).
-        solver: call this instead of the recorded solver (needed when it was a lambda or a closure).
+        solver: call this on every record's parameters (your solver, or a fixed version of it).
+        trust: run the solver each record names (imports its module, or loads its script). Off by
+            default: a capture file is data from wherever it came from, and importing runs code.
 
     Returns:
-        one `ReplayResult` per replayed record, in file order.
+        one `ReplayResult` per replayed record, in file order (none for an empty file).
 
     Raises:
         InputError: the file is missing or malformed, or `index` is out of range.
@@ -310,50 +291,77 @@ def replay(
                 f"an index in [{-len(records)}, {len(records) - 1}]."
             )
         chosen = [chosen[index]]
-    return [_replay_one(k, rec, solver) for k, rec in chosen]
+    return [_replay_one(k, rec, solver, trust) for k, rec in chosen]
+
+
+# --- the command -------------------------------------------------------------------------------------------
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The arguments of `blackbox-diff replay` (shared by the command and `main`)."""
+    parser.add_argument("file", help="the capture file (JSON lines written by capture_failures=)")
+    parser.add_argument("--index", type=int, default=None, metavar="N",
+                        help="replay only record N (0-based; negative counts from the end)")
+    parser.add_argument("--solver", default=None, metavar="MODULE:NAME",
+                        help="run this solver on every record's parameters: MODULE:NAME (imported, the current "
+                             "directory first) or FILE.py:NAME. Without it (and without --trust) nothing is run: "
+                             "each record is listed with the code it names")
+    parser.add_argument("--trust", action="store_true",
+                        help="run the solver each record names (imports its module or loads its script). Off by "
+                             "default: importing runs code, so use it only for capture files you trust")
+    parser.add_argument("--json", action="store_true", help="print one JSON object per record")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the parsed command; the exit status (see `main`)."""
+    try:
+        solver = None if args.solver is None else load_solver(args.solver)
+        results = replay(args.file, index=args.index, solver=solver, trust=args.trust)
+    except BlackBoxDiffError as err:
+        print(f"blackbox-diff replay: {err}", file=sys.stderr)
+        return 2
+    if not results:
+        print(f"No records in {args.file!r}: the capture file is empty (capture_failures= appends a record only "
+              "when a call fails), so there is nothing to replay.")
+        return 1
+    for r in results:
+        _print(r, args.json)
+    if not args.json and any(r.outcome == "not run" for r in results) and solver is None and not args.trust:
+        print(f"Nothing was run: a capture file names code, and {HOW_TO_RUN}.")
+    return 0 if all(r.reproduced for r in results) else 1
+
+
+def _print(r: ReplayResult, as_json: bool) -> None:
+    if as_json:
+        row = dataclasses.asdict(r)
+        row["value"] = None if r.value is None else _summary(r.value)[0]
+        print(json.dumps(row))
+        return
+    if r.outcome == "not run":
+        verdict = "NOT RUN"
+    else:
+        verdict = {True: "REPRODUCED", False: "NOT REPRODUCED", None: "RETURNED (certify with the condition)"}[
+            r.reproduced]
+    where = "" if r.batch_index is None else f" (batch index {r.batch_index})"
+    print(f"[{r.record}] {r.solver}{where}: {verdict}")
+    print(f"    recorded: {_clip(r.recorded)}")
+    print(f"    replay:   {r.outcome}: {_clip(r.detail)}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """`blackbox-diff replay FILE [--index N] [--solver MODULE:NAME] [--json]`.
+    """`blackbox-diff replay FILE [--index N] [--solver MODULE:NAME] [--trust] [--json]`.
 
     Returns:
-        0 when every replayed record reproduced its failure, 1 when some did not (or could not be run or
-        judged), 2 when the file or the arguments are invalid.
+        0 when every replayed record reproduced its failure; 1 when some did not, or were not run (no
+        --solver and no --trust), or cannot be judged, or the file holds no record; 2 when the file or the
+        arguments are invalid.
     """
     parser = argparse.ArgumentParser(
-        prog="blackbox-diff replay", description="Re-run the failing black-box calls recorded by capture_failures="
+        prog="blackbox-diff replay", description="Re-run the failing black-box calls recorded by capture_failures=. "
+        "Runs nothing unless you name the solver (--solver) or trust the file (--trust)."
     )
-    parser.add_argument("file", help="the capture file (JSON lines)")
-    parser.add_argument("--index", type=int, default=None, help="replay only record N (0-based)")
-    parser.add_argument("--solver", default=None, help="MODULE:NAME of the solver to call instead of the recorded one")
-    parser.add_argument("--json", action="store_true", help="print one JSON object per record")
-    args = parser.parse_args(list(argv) if argv is not None else None)
-    try:
-        solver = None
-        if args.solver is not None:
-            module, _, qualname = args.solver.partition(":")
-            if not qualname:
-                raise InputError(f"--solver must be MODULE:NAME (e.g. mypkg.solvers:solve); got {args.solver!r}.")
-            solver = _resolve(module, qualname, None)
-        results = replay(args.file, index=args.index, solver=solver)
-    except (BlackBoxDiffError, ImportError, AttributeError) as err:
-        print(f"blackbox-diff replay: {err}", file=sys.stderr)
-        return 2
-    for r in results:
-        if args.json:
-            row = dataclasses.asdict(r)
-            row["value"] = None if r.value is None else _summary(r.value)[0]
-            print(json.dumps(row))
-            continue
-        verdict = {True: "REPRODUCED", False: "NOT REPRODUCED", None: "RETURNED (certify with the condition)"}
-        where = "" if r.batch_index is None else f" (batch index {r.batch_index})"
-        print(f"[{r.record}] {r.solver}{where}: {verdict[r.reproduced]}")
-        print(f"    recorded: {_clip(r.recorded)}")
-        print(f"    replay:   {r.outcome}: {_clip(r.detail)}")
-    return 0 if results and all(r.reproduced for r in results) else 1
+    add_arguments(parser)
+    return run(parser.parse_args(list(argv) if argv is not None else None))
 
 
 def _clip(text: str, width: int = 300) -> str:
     text = " ".join(text.split())
     return text if len(text) <= width else text[: width - 3] + "..."
-

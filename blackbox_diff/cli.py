@@ -1,4 +1,4 @@
-"""The `blackbox-diff` command: `plugins`, `demo [NAME]`, `bench [NAME]`."""
+"""The `blackbox-diff` command: `plugins`, `demo [NAME]`, `bench [NAME]`, `replay FILE`."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ import sys
 import time
 import traceback
 from pathlib import Path
+
+from blackbox_diff._replay import add_arguments as _replay_arguments
 
 __all__ = ["main"]
 
@@ -119,9 +121,9 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _cmd_replay(args: argparse.Namespace) -> int:
-    from blackbox_diff._replay import main as replay_main
+    from blackbox_diff._replay import run
 
-    return int(replay_main(args.rest) or 0)
+    return run(args)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -138,14 +140,20 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--fast", action="store_true", help="small sizes, few repeats")
     bench.add_argument("--json", metavar="DIR", help="also write each benchmark's table as JSON into DIR")
     bench.set_defaults(func=_cmd_bench)
-    replay = sub.add_parser("replay", help="re-run the failing black-box calls recorded by capture_failures=")
-    replay.add_argument("rest", nargs=argparse.REMAINDER, help="FILE [--index N]")
+    replay = sub.add_parser(
+        "replay", help="re-run the failing black-box calls recorded by capture_failures=",
+        description="Re-run the failing black-box calls recorded by capture_failures=. Runs nothing unless you "
+        "name the solver (--solver) or trust the file (--trust): a capture file names code, and importing runs it. "
+        "Exit status: 0 every record reproduced; 1 some did not, were not run or cannot be judged, or the file is "
+        "empty; 2 the file or the arguments are invalid.",
+    )
+    _replay_arguments(replay)
     replay.set_defaults(func=_cmd_replay)
     # Options a command does not know (e.g. `demo neural_ode --epochs 3`) go to the script it runs.
     args, extra = parser.parse_known_args(argv)
     if extra and args.command not in ("demo", "bench"):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    args.rest = args.rest if args.command == "replay" else extra
+    args.rest = extra
     return args.func(args)
 
 

@@ -80,9 +80,29 @@ def test_replay_reruns_a_recorded_failure(tmp_path, capsys):
         warnings.simplefilter("ignore")
         z = fn(torch.tensor([4.0, -1.0]))
     assert z[0].item() == 2.0 and torch.isnan(z[1])
-    assert cli.main(["replay", str(log)]) == 0
+    assert cli.main(["replay", str(log)]) == 1  # safe by default: lists what it would run, runs nothing
+    out = capsys.readouterr().out
+    assert "test_cli:picky_sqrt (batch index 1): NOT RUN" in out and "Nothing was run" in out
+    assert cli.main(["replay", str(log), "--solver", "test_cli:picky_sqrt"]) == 0
     out = capsys.readouterr().out
     assert "(batch index 1): REPRODUCED" in out and "no real square root of -1.0" in out
+
+
+def test_replay_help_documents_every_flag():
+    import argparse
+
+    from blackbox_diff._replay import add_arguments
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    flags = [opt for action in parser._actions for opt in action.option_strings if opt.startswith("--")]
+    assert {"--index", "--solver", "--trust", "--json"} <= set(flags)
+    proc = subprocess.run([str(SCRIPT), "replay", "--help"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    text = " ".join(proc.stdout.split())
+    for flag in flags:
+        assert flag in text, flag
+    assert "Runs nothing unless you name the solver (--solver) or trust the file (--trust)" in text
 
 
 def test_the_console_script_is_installed():

@@ -115,7 +115,7 @@ def test_executable_pickles_for_process_pools(programs):
 FAILURES = [
     (1, "segfault", "was killed by signal SIGSEGV (exit code -11)", -11, "about to crash"),
     (2, "hang", "did not finish within timeout=0.5 s and was killed (exit code -9)", -9, "mode 2"),
-    (3, "garbage", "wrote malformed text output (ValueError: could not convert string to float: 'x'", 0,
+    (3, "garbage", "wrote malformed text output: line 1, field 1 (column 1): found 'x', expected a number", 0,
      "mode 3"),
     (4, "wrong-shape", "wrote a solution of shape (2,) (2 numbers), expected shape (1,)", 0, "mode 4"),
     (5, "exit-3", "exited with status 3 (exit code 3)", 3, "giving up: singular matrix"),
@@ -227,6 +227,18 @@ def test_json_and_npy_protocols_private_dir_explicit_env(echo, runs, io, monkeyp
     assert os.listdir(runs) == []
 
 
+def test_the_program_sees_exactly_the_environment_it_is_given(runs, monkeypatch):
+    monkeypatch.setenv("BBD_SECRET", "do not leak")
+    monkeypatch.setenv("LC_ALL", "")
+    exe = bbd.Executable(["/bin/sh", "-c", "env >&2; exit 1"], io="text", env={"MY_OPTION": "on"}, workdir=runs)
+    with pytest.raises(bbd.SolverError) as info:
+        exe(np.array(1.0))
+    seen = dict(line.split("=", 1) for line in info.value.stderr_tail.splitlines())
+    seen.pop("PWD", None)  # set by sh itself
+    assert seen == {"PATH": os.environ["PATH"], "LANG": "C", "HOME": seen["HOME"], "MY_OPTION": "on"}
+    assert os.path.basename(seen["HOME"]).startswith("bbd-run-")  # the run directory
+
+
 def test_stdin_and_stdout_when_no_placeholders(runs):
     code = "import sys; print(' '.join(str(2*float(v)) for v in sys.stdin.read().split()))"
     exe = bbd.Executable([sys.executable, "-c", code], io="text", workdir=runs)
@@ -237,7 +249,8 @@ def test_stdin_and_stdout_when_no_placeholders(runs):
 def test_stdout_is_size_capped(runs):
     exe = bbd.Executable([sys.executable, "-c", "print('1 ' * 10000)"], io="text", max_output_bytes=100,
                          workdir=runs)
-    with pytest.raises(bbd.SolverError, match=re.escape("wrote more than max_output_bytes=100 bytes to stdout")):
+    with pytest.raises(bbd.SolverError, match=re.escape("wrote output over max_output_bytes=100 (more than that on "
+                                                        "stdout) and was stopped")):
         exe(np.array(1.0))
     assert os.listdir(runs) == []
 
@@ -287,6 +300,13 @@ def test_legacy_executable_example_runs(capsys, monkeypatch):
     worst = float(re.search(r"worst \|IFT - FD\| = (\S+)", out).group(1))
     assert worst < 1e-6
     assert float(re.search(r"\|a - a_true\| = (\S+)", out).group(1)) < 1e-6
+    installable = hasattr(os, "geteuid") and os.geteuid() == 0 and shutil.which("apt-get") is not None
+    if shutil.which("gfortran") is None and not installable:
+        assert "Fortran part skipped: no gfortran on PATH" in out
+        return
+    assert "Fortran part skipped" not in out, "gfortran is installable here: run `make install`"
+    assert float(re.search(r"Fortran: worst \|IFT - FD\| = (\S+)", out).group(1)) < 1e-6
+    assert float(re.search(r"Fortran batch: max \|pool - serial\| = (\S+)", out).group(1)) == 0.0
 
 
 def test_program_that_never_reads_its_stdin_still_times_out(runs):

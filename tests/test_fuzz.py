@@ -24,17 +24,16 @@ import zlib
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from fuzzing import fuzz_settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 import blackbox_diff as bbd
 
 COND = bbd.Root(lambda z, w, c: z * (1 + c**2) - w)
 STATS: collections.Counter[str] = collections.Counter()  # outcome -> count, printed by the last test
-FUZZ = settings(
-    max_examples=300, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True, database=None
-)
-FUZZ_OPTIONS = settings(FUZZ, max_examples=100)
+FUZZ = fuzz_settings(ci=300, fuzz=6000)  # `make fuzz` runs the large profile (tests/fuzzing.py)
+FUZZ_OPTIONS = fuzz_settings(ci=100, fuzz=1000)
 
 
 def closed_form_solver(w, c):

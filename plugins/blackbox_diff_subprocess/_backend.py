@@ -53,6 +53,26 @@ def _shapes(parameters: Any) -> list[tuple[int, ...]] | None:
     return out
 
 
+def _expecting(exe: Executable, variable_shapes: list[tuple[int, ...]]) -> Executable:
+    """The executable, told the solution shape that `variables` declares, so that a program writing the
+    wrong number of values fails in its own run (a SolverError naming it, isolated by on_failure="nan")
+    instead of in the condition."""
+    if len(variable_shapes) != 1:
+        if len(variable_shapes) > 1:
+            raise InputError(
+                f"The subprocess backend takes one variable (the program's solution); got {len(variable_shapes)} "
+                f"shapes {variable_shapes}. Declare the solution as one array and split it in the condition."
+            )
+        return exe
+    (shape,) = variable_shapes
+    if exe.output_shape is not None and exe.output_shape != shape:
+        raise InputError(
+            f"variables declares the solution shape {shape}, but the Executable has output_shape="
+            f"{exe.output_shape}; give one of them, or make them agree."
+        )
+    return exe if exe.output_shape == shape else exe.with_output_shape(shape)
+
+
 class SubprocessBackend(AbstractBackend):
     """A compiled program (`bbd.Executable`) run once per instance, differentiated through `condition`."""
 
@@ -75,9 +95,9 @@ class SubprocessBackend(AbstractBackend):
                 f"The subprocess backend needs condition= an optimality condition (bbd.Root(F), ...); got "
                 f"{type(opts.condition).__name__}."
             )
-        variable_shapes = _shapes(variables) or ([problem.output_shape] if problem.output_shape else [])
+        variable_shapes = _shapes(variables) or ([problem.output_shape] if problem.output_shape is not None else [])
         return Compiled(
-            solve=problem,
+            solve=_expecting(problem, variable_shapes),
             condition=opts.condition,
             parameter_shapes=_shapes(parameters),
             variable_shapes=variable_shapes,
