@@ -47,6 +47,12 @@ def as_parameters(params: Sequence[Any]) -> list[torch.Tensor]:
                 "Pass non-numeric settings through a closure instead of as a parameter."
             )
         if not torch.is_tensor(p):
+            kind = np.asarray(p).dtype.kind if isinstance(p, (np.ndarray, np.number)) else "f"
+            if kind not in "iufc":
+                raise InputError(
+                    f"Parameter {i} is a numpy array of dtype {np.asarray(p).dtype} (kind {kind!r}); expected numbers "
+                    "(a real floating dtype). Convert text or booleans explicitly, e.g. np.asarray(p, dtype=float)."
+                )
             if np.iscomplexobj(p):
                 raise InputError(
                     f"Parameter {i} is complex ({np.asarray(p).dtype}); expected a real floating dtype (float32 or "

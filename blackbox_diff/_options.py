@@ -19,7 +19,8 @@ LINEAR_SOLVERS: tuple[str, ...] = ("auto", "cg", "minres", "gmres", "bicgstab", 
 class ImplicitOptions(BaseModel):
     """How the black box is called, certified and differentiated."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
+    # allow_inf_nan=False: ridge=inf, rtol=nan and the like are refused where they are given.
+    model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True, allow_inf_nan=False)
 
     linear_solver: LinearSolverName = Field(
         "auto",
