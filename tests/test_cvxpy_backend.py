@@ -7,9 +7,6 @@ the black box itself with a tight solver tolerance, and closed forms (projection
 from __future__ import annotations
 
 import re
-import sys
-import warnings
-from pathlib import Path
 
 import cvxpy as cp
 import numpy as np
@@ -412,7 +409,8 @@ def test_parameters_must_cover_the_problem():
 
 def test_variables_must_belong_to_the_problem():
     problem, A, b, _ = _readme_problem()
-    with pytest.raises(bbd.InputError, match=re.escape("is not a cvxpy.Variable of the problem")):
+    message = "is neither a cvxpy.Variable of the problem nor a dual variable of one of its constraints"
+    with pytest.raises(bbd.InputError, match=re.escape(message)):
         bbd.layer(problem, parameters=[A, b], variables=[cp.Variable(2)])
 
 
@@ -486,16 +484,6 @@ def test_backend_is_registered_and_accepts_only_cvxpy_problems():
     assert backend.accepts(problem)
     assert not backend.accepts(object())
     assert backend.returns_duals
-
-
-def test_cvxpylayers_switch_example_runs():
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
-    import cvxpylayers_switch
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        result = cvxpylayers_switch.main(["--fast"])
-    assert result["max_gradient_difference"] < 1e-5
 
 
 def test_assembled_jacobian_is_the_residuals_derivative():
@@ -595,11 +583,3 @@ def test_nonneg_variable_and_maximize_objective():
     torch.testing.assert_close(x_t.detach(), _t([1.0, 0.0, 0.5], grad=False), atol=1e-9, rtol=0)
     x_t.sum().backward()
     torch.testing.assert_close(p_t.grad, _t([1.0, 0.0, 1.0], grad=False), atol=1e-9, rtol=0)
-
-
-def test_symmetric_variable_is_refused_with_the_fix():
-    X = cp.Variable((2, 2), symmetric=True)
-    C = cp.Parameter((2, 2))
-    problem = cp.Problem(cp.Minimize(cp.trace(C @ X) + cp.sum_squares(X)), [X >> 0])
-    with pytest.raises(bbd.InputError, match=re.escape("Declare it plainly and add the matching constraint")):
-        bbd.layer(problem, parameters=[C], variables=[X])
