@@ -583,3 +583,43 @@ def test_nonneg_variable_and_maximize_objective():
     torch.testing.assert_close(x_t.detach(), _t([1.0, 0.0, 0.5], grad=False), atol=1e-9, rtol=0)
     x_t.sum().backward()
     torch.testing.assert_close(p_t.grad, _t([1.0, 0.0, 1.0], grad=False), atol=1e-9, rtol=0)
+
+
+# --- outputs cvxpy cannot give: defensive errors (cvxpy drops only empty variables today) ---------------------
+
+
+def test_empty_variable_comes_back_empty():
+    x, a, empty = cp.Variable(2), cp.Parameter(2), cp.Variable((2, 0))
+    problem = cp.Problem(cp.Minimize(cp.sum_squares(x - a) + cp.sum(empty)), [x >= 0])
+    x_t, e_t = bbd.layer(problem, parameters=[a], variables=[x, empty])(_t([1.0, -1.0], grad=False))
+    assert e_t.shape == (2, 0)
+    torch.testing.assert_close(x_t, _t([1.0, 0.0], grad=False), atol=1e-9, rtol=0)
+
+
+def test_variable_or_dual_missing_from_the_cone_program_is_an_input_error(monkeypatch):
+    from blackbox_diff_cvxpy import _outputs, _problem
+
+    x, a = cp.Variable(2), cp.Parameter(2)
+    con = x >= 0
+    problem = cp.Problem(cp.Minimize(cp.sum_squares(x - a)), [con])
+    monkeypatch.setattr(_outputs, "_invert", lambda *args: {})  # as if cvxpy kept no dual for the constraint
+    with pytest.raises(bbd.InputError, match=re.escape(
+        "The dual variable 0 of constraint 0 (0.0 <= var"
+    )) as info:
+        bbd.layer(problem, parameters=[a], variables=[x, con.dual_variables[0]])
+    assert "has no counterpart in the cone program cvxpy built" in str(info.value)
+    real = _problem.canonicalise
+
+    def without_x(*args, **kwargs):  # as if cvxpy had eliminated the (non-empty) variable x
+        canonical = real(*args, **kwargs)
+        canonical.var_ids = {x.id: -1}
+        return canonical
+
+    monkeypatch.setattr(_problem, "canonicalise", without_x)
+    from blackbox_diff_cvxpy import _backend
+
+    monkeypatch.setattr(_backend, "canonicalise", without_x)
+    with pytest.raises(bbd.InputError, match=re.escape(
+        f"Variable {x.name()} does not appear in the cone program cvxpy built"
+    )):
+        bbd.layer(problem, parameters=[a], variables=[x])

@@ -540,3 +540,14 @@ def test_switch_example_runs_with_duals_gp_and_solver_args():
     assert result["dual_error"] < 1e-8
     assert result["gp_error"] < 1e-8
     assert result["per_call_eps_difference"] < 1e-8
+
+
+def test_verbose_and_canon_backend_as_in_cvxpylayers(capfd):
+    problem, A, b, x = _readme_lad()
+    values = _lad_values()
+    (ref,) = bbd.layer(problem, parameters=[A, b], variables=[x])(*values)
+    capfd.readouterr()
+    layer = bbd.layer(problem, parameters=[A, b], variables=[x], verbose=True, canon_backend=cp.SCIPY_CANON_BACKEND)
+    (sol,) = layer(*values)
+    assert "Clarabel" in capfd.readouterr().out  # the solver printed its progress
+    torch.testing.assert_close(sol, ref, atol=1e-9, rtol=0)

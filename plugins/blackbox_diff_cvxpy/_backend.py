@@ -55,6 +55,12 @@ class CvxpyOptions(BaseModel):
         description="Absolute and relative tolerance of the solver. None: Clarabel's and ECOS's defaults "
         "(1e-8), 1e-10 for SCS and OSQP (whose defaults are too loose for accurate gradients).",
     )
+    verbose: bool = Field(False, description="Let the solver print its progress (cvxpylayers' verbose=).")
+    canon_backend: str | None = Field(
+        None,
+        description="cvxpy's canonicalisation backend (cvxpylayers' canon_backend=, e.g. 'SCIPY', 'CPP'); None: "
+        "cvxpy's default.",
+    )
     gp: bool = Field(
         False,
         description="The problem is a log-log convex program (DGP, cvxpy's gp=True): parameters and "
@@ -159,7 +165,7 @@ class _Compiler:
         opts, problem, handles = self.opts, self.problem, self.handles
         with_duals = handles.wants_duals or opts.return_duals
         if (opts.gp and problem.is_dpp("dgp")) or (not opts.gp and problem.is_dpp()):
-            canonical = canonicalise(problem, solver, opts.gp)
+            canonical = canonicalise(problem, solver, opts.gp, canon_backend=opts.canon_backend)
             _check_cones(canonical.param_prob, solver)
             pieces = canonical.pieces(handles.parameters)
             self.logged = {piece.index for piece in pieces if piece.log}
@@ -275,7 +281,7 @@ def _solver_settings(solver: str, opts: CvxpyOptions, solver_args: dict[str, Any
                 f"solver_args {bad} are not settings of CLARABEL, the solver this layer runs (SCS's settings need "
                 f"solver='SCS' or solver_args={{'solve_method': 'SCS'}}); CLARABEL's settings are {valid}."
             )
-    out = {**default_solver_args(solver, eps), **args}
+    out = {**default_solver_args(solver, eps), **({"verbose": True} if opts.verbose else {}), **args}
     if opts.accept_inaccurate:
         out["accept_inaccurate"] = True
     return solver, out

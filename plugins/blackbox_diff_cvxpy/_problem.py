@@ -123,7 +123,8 @@ def _single(mapping: dict) -> dict[int, int]:
     return {k: v[0] for k, v in mapping.items() if len(v) == 1}
 
 
-def canonicalise(problem: Any, solver: str, gp: bool, ignore_dpp: bool = False) -> Canonical:
+def canonicalise(problem: Any, solver: str, gp: bool, ignore_dpp: bool = False,
+                 canon_backend: str | None = None) -> Canonical:
     """cvxpy's canonicalisation for `solver` (a geometric program through `Dgp2Dcp` first)."""
     import cvxpy as cp
 
@@ -136,7 +137,7 @@ def canonicalise(problem: Any, solver: str, gp: bool, ignore_dpp: bool = False) 
         var_ids = _single(dgp.var_id_map)
         log_ids = _single(dgp.param_id_map)
     try:
-        data, chain, inverse = target.get_problem_data(solver, ignore_dpp=ignore_dpp)
+        data, chain, inverse = target.get_problem_data(solver, ignore_dpp=ignore_dpp, canon_backend=canon_backend)
     except cp.error.SolverError as err:
         raise InputError(
             f"cvxpy cannot pass this problem to {solver}: {err}. Pick a solver that supports its cones "
