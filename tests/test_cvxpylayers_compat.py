@@ -551,3 +551,22 @@ def test_verbose_and_canon_backend_as_in_cvxpylayers(capfd):
     (sol,) = layer(*values)
     assert "Clarabel" in capfd.readouterr().out  # the solver printed its progress
     torch.testing.assert_close(sol, ref, atol=1e-9, rtol=0)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
+def test_duals_gp_and_symmetric_outputs_on_cuda_match_the_cpu():
+    cases = [_projection_layer("soc")[-2:], _projection_layer("psd")[-2:]]
+    problem, params, variables = _readme_gp()
+    cases.append(([_t(2.0), _t(1.0), _t(0.5)], bbd.layer(problem, parameters=params, variables=variables, gp=True)))
+    for values, layer in cases:
+        values = values if isinstance(values, list) else [values]
+        results = []
+        for device in ("cpu", "cuda"):
+            inputs = [v.detach().to(device).requires_grad_(True) for v in values]
+            out = layer(*inputs)
+            assert all(o.device.type == device for o in out)
+            grads = torch.autograd.grad(sum(o.sum() for o in out), inputs)
+            results.append([t.detach().cpu() for t in (*out, *grads)])
+        for a, b in zip(*results, strict=True):
+            torch.testing.assert_close(b, a, atol=1e-9, rtol=0)

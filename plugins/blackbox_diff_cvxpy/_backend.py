@@ -30,6 +30,7 @@ _SOLVER_MODULES = {"CLARABEL": "clarabel", "SCS": "scs", "ECOS": "ecos", "OSQP":
 # Clarabel, as solver_args["solve_method"] says) and CUCLARABEL (Clarabel on the GPU; here Clarabel runs on
 # the CPU while the residual and the adjoint solve run on the parameters' device).
 _ALIASES = {"DIFFCP": "CLARABEL", "CUCLARABEL": "CLARABEL"}
+_MAX_SETTINGS = 16  # Compiled kept per distinct solver settings (the canonicalisation is kept per solver)
 
 
 class CvxpyOptions(BaseModel):
@@ -192,6 +193,8 @@ class _Compiler:
         solver, args = _solver_settings(self.solver, self.opts, {**self.opts.solver_args, **solver_args})
         key = f"{solver}:{sorted(args.items(), key=lambda kv: kv[0])!r}"
         if key not in self._compiled:
+            if len(self._compiled) >= _MAX_SETTINGS:  # settings varied call after call: keep the newest
+                self._compiled.pop(next(iter(self._compiled)))
             factory, condition, outputs = self._build(solver)
             self._compiled[key] = Compiled(
                 solve=factory(args),
