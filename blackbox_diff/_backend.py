@@ -31,6 +31,13 @@ class Compiled:
             variable tensors the layer returns. None: the result is returned as a 1-tuple.
         options: defaults for `bbd.implicit` options (e.g. the linear solver); the user's options win.
         backend: the backend's name, used in error messages.
+        on_call: optional per-call hook, ``on_call(params, call_options) -> Compiled | None``. The layer
+            calls it on every call with the parameter tensors (before any solve) and the call's keyword
+            arguments (``layer(*params, **call_options)``, e.g. cvxpylayers' ``solver_args={...}``). It
+            raises `InputError` for values or keywords the backend cannot take, and returns the `Compiled`
+            to run for this call (e.g. the same problem with other solver settings; its condition should
+            be the same object whenever it can, and its engine options are ignored) or None to run this
+            one. None (the default): the layer takes no keyword arguments at call time.
     """
 
     solve: Callable[..., Any]
@@ -40,6 +47,7 @@ class Compiled:
     outputs: Callable[[Any], tuple] | None = None
     options: dict[str, Any] = dataclasses.field(default_factory=dict)
     backend: str = ""
+    on_call: Callable[[tuple[Any, ...], dict[str, Any]], Compiled | None] | None = None
 
 
 class AbstractBackend(abc.ABC):

@@ -6,6 +6,10 @@ shape are shared by every instance and broadcast (autograd then sums their gradi
 backend that cannot know the shapes (``parameter_shapes=None``, e.g. the scipy backend given torch
 callables and no ``parameters=[shape, ...]``) gets no convention: every parameter is unbatched unless the
 user passes ``in_dims=``.
+
+Keyword arguments of a call (``layer(*params, solver_args={...})``, cvxpylayers' per-call settings) go to
+the backend's `Compiled.on_call` hook, which returns the `Compiled` to run for that call; a backend without
+the hook takes none.
 """
 
 from __future__ import annotations
@@ -116,7 +120,7 @@ def _names(parameters: Any, compiled: Compiled) -> list[str]:
 
 
 class Layer(torch.nn.Module):
-    """A compiled problem as a module: ``layer(*params) -> tuple of variable tensors``.
+    """A compiled problem as a module: ``layer(*params, **call_options) -> tuple of variable tensors``.
 
     Attributes:
         compiled: what the backend built (solve, condition, shapes, outputs).
@@ -130,20 +134,81 @@ class Layer(torch.nn.Module):
         self._names = names
         self._explicit_dims = explicit_dims
         self._function = ImplicitFunction(compiled.condition, compiled.solve, options)
+        self._per_call: tuple[Compiled, ImplicitFunction] | None = None
 
     def extra_repr(self) -> str:
         shapes = self.compiled.parameter_shapes
         return f"backend={self.compiled.backend!r}, parameter_shapes={None if shapes is None else list(shapes)}"
 
-    def forward(self, *params: Any) -> Any:
-        tensors = [p if torch.is_tensor(p) else torch.as_tensor(p, dtype=torch.float64) for p in params]
+    def forward(self, *params: Any, **call_options: Any) -> Any:
+        """Solve for the given parameters (tensors in the order of ``parameters=``).
+
+        Args:
+            *params: one tensor per parameter, with its declared shape (shared by the batch) or one more
+                leading dimension (batched). Numbers and numpy arrays are converted to float64.
+            **call_options: per-call settings the backend takes through `Compiled.on_call` (e.g. the cvxpy
+                backend's ``solver_args={...}``, merged over the ones given to `bbd.layer`).
+
+        Raises:
+            InputError: a parameter is None or not numeric, has a wrong shape or value, or a keyword is
+                not one the backend takes at call time.
+        """
+        tensors = [self._tensor(i, p) for i, p in enumerate(params)]
         in_dims, batch = self._layout(tensors)
-        fn = self._function if in_dims is None else self._function.with_options(in_dims=in_dims)
+        compiled, fn = self._for_call(tensors, call_options)
+        fn = fn if in_dims is None else fn.with_options(in_dims=in_dims)
         try:
             result = fn(*tensors)
         except SolverError as err:
-            raise _with_backend(err, self.compiled.backend) from err
-        return self._outputs(result, batched=batch is not None)
+            raise _with_backend(err, compiled.backend) from err
+        return self._outputs(result, batch is not None, compiled)
+
+    def _name(self, i: int) -> str:
+        return self._names[i] if i < len(self._names) else f"parameter {i}"
+
+    def _tensor(self, i: int, value: Any) -> torch.Tensor:
+        if torch.is_tensor(value):
+            return value
+        shapes = self.compiled.parameter_shapes
+        expected = "a torch.Tensor"
+        if shapes is not None and i < len(shapes):
+            declared = tuple(shapes[i])
+            expected += f" of shape {declared} (or with a leading batch dimension)"
+        name = self._name(i)
+        if value is None:
+            raise InputError(
+                f"{name[:1].upper()}{name[1:]} is None; expected {expected}. Pass a value for every parameter, "
+                "in the order given to bbd.layer(parameters=...)."
+            )
+        try:
+            return torch.as_tensor(value, dtype=torch.float64)
+        except (TypeError, ValueError, RuntimeError) as err:
+            raise InputError(
+                f"{name[:1].upper()}{name[1:]} is a {type(value).__name__} that is not numeric ({err}); expected "
+                f"{expected} (numbers and numpy arrays are converted)."
+            ) from err
+
+    def _for_call(self, tensors: list[torch.Tensor], call_options: dict[str, Any]) -> tuple[Compiled, Any]:
+        """The Compiled and engine function for this call: the layer's own, or the backend's `on_call` pick."""
+        hook = self.compiled.on_call
+        if hook is None:
+            if call_options:
+                raise InputError(
+                    f"The layer of backend {self.compiled.backend!r} takes no keyword arguments at call time; got "
+                    f"{sorted(call_options)}. Set options in bbd.layer(...) instead."
+                )
+            return self.compiled, self._function
+        chosen = hook(tuple(tensors), dict(call_options))
+        if chosen is None or chosen is self.compiled:
+            return self.compiled, self._function
+        if not isinstance(chosen, Compiled):
+            raise PluginError(
+                f"Backend {self.compiled.backend!r}: Compiled.on_call returned a {type(chosen).__name__}; expected "
+                "a bbd.Compiled or None. This is a bug in the backend's plugin."
+            )
+        if self._per_call is None or self._per_call[0] is not chosen:
+            self._per_call = (chosen, ImplicitFunction(chosen.condition, chosen.solve, self.options))
+        return self._per_call
 
     def _layout(self, tensors: list[torch.Tensor]) -> tuple[Any, int | None]:
         """The in_dims of the call (cvxpylayers convention) and the batch size (None: unbatched)."""
@@ -180,10 +245,10 @@ class Layer(torch.nn.Module):
             return None, None
         return tuple(dims), next(iter(sizes.values()))
 
-    def _outputs(self, result: Any, batched: bool) -> Any:
-        outputs = self.compiled.outputs
+    def _outputs(self, result: Any, batched: bool, compiled: Compiled) -> Any:
+        outputs = compiled.outputs
         if outputs is None:
-            return result if not self.compiled.variable_shapes else (result,)
+            return result if not compiled.variable_shapes else (result,)
         if batched:
             return tuple(outputs(result))
         # The backend's `outputs` maps batched results: give it a batch of one and take it back off.
@@ -200,6 +265,8 @@ def _lead(value: Any, add: bool) -> Any:
         return None
     if isinstance(value, KKTSolution):
         return KKTSolution(*(_lead(v, add) for v in (value.x, value.eq, value.ineq)))
+    if isinstance(value, (tuple, list)):  # an output made of several tensors (e.g. a cone's dual parts)
+        return type(value)(_lead(v, add) for v in value)
     if torch.is_tensor(value):
         return value.unsqueeze(0) if add else value.squeeze(0)
     return value

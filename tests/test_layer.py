@@ -249,3 +249,90 @@ def test_solver_errors_name_the_backend_and_batch_index():
         layer(A, torch.ones(2))
     assert info.value.batch_index == 1 and info.value.backend == "linear-test"
     assert "batch index 1" in str(info.value)
+
+
+# --- call-time arguments: None / non-numeric parameters, keyword options through Compiled.on_call ---------------
+def test_none_parameter_names_the_parameter():
+    layer = bbd.layer(LinearSystem(), backend=LinearBackend())
+    with pytest.raises(bbd.InputError, match=re.escape(
+        "Parameter 1 is None; expected a torch.Tensor of shape (2,) (or with a leading batch dimension). Pass a "
+        "value for every parameter, in the order given to bbd.layer(parameters=...)."
+    )):
+        layer(A0, None)
+
+
+def test_non_numeric_parameter_names_the_parameter():
+    layer = bbd.layer(LinearSystem(), backend=LinearBackend())
+    with pytest.raises(bbd.InputError, match=re.escape(
+        "Parameter 0 is a str that is not numeric"
+    )) as info:
+        layer("A", torch.ones(2))
+    assert "expected a torch.Tensor of shape (2, 2) (or with a leading batch dimension)" in str(info.value)
+    # Numbers and arrays are still converted (to float64).
+    (x,) = layer(A0.double().numpy(), [1.0, 2.0])
+    assert x.dtype == torch.float64
+
+
+def test_keyword_arguments_need_the_backends_on_call_hook():
+    layer = bbd.layer(LinearSystem(), backend=LinearBackend())
+    with pytest.raises(bbd.InputError, match=re.escape(
+        "The layer of backend 'linear-test' takes no keyword arguments at call time; got ['solver_args']. Set "
+        "options in bbd.layer(...) instead."
+    )):
+        layer(A0, torch.ones(2), solver_args={"eps": 1e-8})
+
+
+class ScaledBackend(LinearBackend):
+    """Solves A x = scale * b, where `scale` is a per-call keyword taken through `Compiled.on_call`."""
+
+    name: ClassVar[str] = "scaled-test"
+
+    def compile(self, problem, parameters, variables, options):
+        seen: list = []
+
+        def build(scale: float) -> bbd.Compiled:
+            return bbd.Compiled(
+                solve=lambda A, b: np.linalg.solve(A, scale * b),
+                condition=bbd.Root(lambda x, A, b: A @ x - scale * b),
+                parameter_shapes=[(2, 2), (2,)],
+                variable_shapes=[(2,)],
+                backend=self.name,
+                on_call=on_call,
+            )
+
+        def on_call(params, call_options):
+            seen.append((tuple(p.shape for p in params), dict(call_options)))
+            if float(params[1].detach().abs().max()) > 100:
+                raise bbd.InputError("b is too large for this test backend")
+            if set(call_options) - {"scale"}:
+                return "not a Compiled"
+            return build(call_options["scale"]) if "scale" in call_options else None
+
+        compiled = build(1.0)
+        compiled.seen = seen
+        return compiled
+
+
+def test_on_call_picks_the_compiled_of_the_call_and_keeps_gradients_right():
+    layer = bbd.layer(LinearSystem(), backend=ScaledBackend())
+    b = torch.tensor([1.0, 2.0], dtype=torch.float64, requires_grad=True)
+    A = A0.double()
+    (x1,) = layer(A, b)
+    (x3,) = layer(A, b, scale=3.0)
+    torch.testing.assert_close(x3, 3.0 * x1)
+    (g,) = torch.autograd.grad(x3.sum(), b)
+    torch.testing.assert_close(g, 3.0 * torch.linalg.solve(A.T, torch.ones(2, dtype=torch.float64)))
+    assert layer.compiled.seen[0] == (((2, 2), (2,)), {})
+    assert layer.compiled.seen[1] == (((2, 2), (2,)), {"scale": 3.0})
+    (x1_again,) = layer(A, b)  # without the keyword: the layer's own Compiled again
+    torch.testing.assert_close(x1_again, x1)
+
+
+def test_on_call_errors_reach_the_caller():
+    layer = bbd.layer(LinearSystem(), backend=ScaledBackend())
+    with pytest.raises(bbd.InputError, match=re.escape("b is too large for this test backend")):
+        layer(A0, torch.tensor([1e3, 0.0]))
+    with pytest.raises(bbd.PluginError, match=re.escape(
+        "Backend 'scaled-test': Compiled.on_call returned a str; expected a bbd.Compiled or None."
+    )):
+        layer(A0, torch.ones(2), colour="red")

@@ -1,4 +1,10 @@
-"""`CvxpyBackend`: cvxpy problems as differentiable layers (the cvxpylayers calling convention)."""
+"""`CvxpyBackend`: cvxpy problems as differentiable layers (the cvxpylayers calling convention).
+
+What a cvxpylayers user relies on maps one to one: ``variables=[x, con.dual_variables[0]]`` (duals as
+outputs), ``gp=True`` (geometric programs), symmetric/PSD/diagonal variables and parameters, ``solver=``
+with cvxpy's solver constants, and ``layer(*params, solver_args={...})`` per call (through the generic
+`Compiled.on_call` hook, merged over the construction-time ``solver_args``).
+"""
 
 from __future__ import annotations
 
@@ -6,19 +12,25 @@ import importlib.util
 from typing import Any, ClassVar
 
 import numpy as np
-import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from blackbox_diff import AbstractBackend, Compiled, InputError
 from blackbox_diff._options import parse_options
 
-from ._canon import ConeProgram, build_program, theta_numpy
+from ._canon import ConeProgram, build_program
 from ._condition import ConeCondition
+from ._problem import Handles, build_outputs, canonicalise, check_handles, check_values
 from ._solvers import SOLVERS, default_solver_args, solve_conic
+from ._theta import theta_numpy
 
 __all__ = ["CvxpyBackend", "DPPSolve"]
 
 _SOLVER_MODULES = {"CLARABEL": "clarabel", "SCS": "scs", "ECOS": "ecos", "OSQP": "osqp"}
+# cvxpylayers' solver names without a solver of their own here: its default DIFFCP (which runs SCS, ECOS or
+# Clarabel, as solver_args["solve_method"] says) and CUCLARABEL (Clarabel on the GPU; here Clarabel runs on
+# the CPU while the residual and the adjoint solve run on the parameters' device).
+_ALIASES = {"DIFFCP": "CLARABEL", "CUCLARABEL": "CLARABEL"}
+_MAX_SETTINGS = 16  # Compiled kept per distinct solver settings (the canonicalisation is kept per solver)
 
 
 class CvxpyOptions(BaseModel):
@@ -26,16 +38,39 @@ class CvxpyOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    solver: str = Field("CLARABEL", description="Conic solver: CLARABEL (default), SCS, ECOS or OSQP.")
+    solver: str = Field(
+        "CLARABEL",
+        description="Conic solver: CLARABEL (default), SCS, ECOS or OSQP; cvxpy's constants (cp.SCS, ...) "
+        "work. cvxpylayers' DIFFCP and CUCLARABEL run CLARABEL (DIFFCP: unless solver_args['solve_method'] "
+        "names another).",
+    )
     solver_args: dict[str, Any] = Field(
         default_factory=dict,
-        description="Keyword settings passed to the solver (e.g. {'max_iter': 500}); they override eps.",
+        description="Keyword settings passed to the solver (e.g. {'max_iter': 500}); they override eps. "
+        "Also per call: layer(*params, solver_args={...}), merged over these. 'eps' sets every tolerance "
+        "(as the eps option); 'solve_method' (cvxpylayers/diffcp) picks the solver.",
     )
     eps: float | None = Field(
         None,
         gt=0.0,
         description="Absolute and relative tolerance of the solver. None: Clarabel's and ECOS's defaults "
         "(1e-8), 1e-10 for SCS and OSQP (whose defaults are too loose for accurate gradients).",
+    )
+    verbose: bool = Field(False, description="Let the solver print its progress (cvxpylayers' verbose=).")
+    canon_backend: str | None = Field(
+        None,
+        description="cvxpy's canonicalisation backend (cvxpylayers' canon_backend=, e.g. 'SCIPY', 'CPP'); None: "
+        "cvxpy's default.",
+    )
+    gp: bool = Field(
+        False,
+        description="The problem is a log-log convex program (DGP, cvxpy's gp=True): parameters and "
+        "variables are positive, it is solved in log space and values come back in the original space.",
+    )
+    return_duals: bool = Field(
+        False,
+        description="(Shared with the engine option of the same name.) Append the dual value of every "
+        "constraint of problem.constraints to the outputs, as cvxpy's constraint.dual_value.",
     )
     accept_inaccurate: bool = Field(
         False,
@@ -68,15 +103,6 @@ class CvxpyOptions(BaseModel):
     )
 
 
-def _fortran_unflatten(v: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-    lead = v.shape[:-1]
-    if len(shape) <= 1:
-        return v.reshape(*lead, *shape)
-    out = v.reshape(*lead, *reversed(shape))
-    nl = len(lead)
-    return out.permute(*range(nl), *(nl + k for k in reversed(range(len(shape)))))
-
-
 class DPPSolve:
     """The black box for one instance of a DPP problem: apply the affine parameter map, run the solver."""
 
@@ -85,38 +111,15 @@ class DPPSolve:
         self.__name__ = f"cvxpy[{solver}]"
 
     def __call__(self, *params: np.ndarray):
-        P, c, A, b = self.program.data(theta_numpy(self.program, list(params)))
+        P, c, A, b = self.program.data(theta_numpy(self.program.pieces, self.program.n_theta, list(params)))
         answer = solve_conic(self.solver, P, c, A, b, self.program.cones, self.args)
         answer.data = self.program.dense(P, c, A, b)
         return answer
 
 
-class Outputs:
-    """Maps the engine's result (x, or [x, y] with duals) to the tuple of variable (and dual) tensors."""
-
-    def __init__(self, program: ConeProgram, n_constraints: int) -> None:
-        self.program = program
-        self.n_constraints = n_constraints
-
-    def __call__(self, result: torch.Tensor) -> tuple:
-        n = self.program.n
-        x = result[..., :n]
-        out = [_fortran_unflatten(x[..., off : off + int(np.prod(shape, dtype=int))], shape)
-               for off, shape in self.program.var_slices]
-        if result.shape[-1] == n:
-            return tuple(out)
-        y = result[..., n:]
-        for where in self.program.constraint_slices:
-            if where is None:
-                out.append(None)
-                continue
-            off, size, shape = where
-            out.append(_fortran_unflatten(y[..., off : off + size], shape))
-        return tuple(out)
-
-
 class CvxpyBackend(AbstractBackend):
-    """cvxpy problems (LP, QP, SOCP, SDP, exponential cones) solved by Clarabel, SCS, ECOS or OSQP.
+    """cvxpy problems (LP, QP, SOCP, SDP, exponential and power cones, geometric programs) solved by
+    Clarabel, SCS, ECOS or OSQP.
 
     DPP problems are canonicalised once: the affine map parameters -> cone program data is kept as
     sparse tensors, applied with scipy in the forward solve and with torch in the optimality condition.
@@ -126,7 +129,7 @@ class CvxpyBackend(AbstractBackend):
     name: ClassVar[str] = "cvxpy"
     requires: ClassVar[tuple[str, ...]] = ("cvxpy",)
     extra: ClassVar[str | None] = "cvxpy"
-    problem_types: ClassVar[str] = "cvxpy.Problem: LP, QP, SOCP, SDP, exponential cone (DPP or not)"
+    problem_types: ClassVar[str] = "cvxpy.Problem: LP, QP, SOCP, SDP, exp/power cones, GP (DPP or not)"
     returns_duals: ClassVar[bool] = True
     Options = CvxpyOptions
 
@@ -136,17 +139,42 @@ class CvxpyBackend(AbstractBackend):
     def compile(self, problem, parameters, variables, options) -> Compiled:
         self.require()
         opts: CvxpyOptions = parse_options(dict(options or {}), CvxpyOptions)
-        parameters, variables = _check_handles(problem, parameters, variables)
-        solver = _check_solver(opts.solver)
-        args = {**default_solver_args(solver, opts.eps), **opts.solver_args}
-        if opts.accept_inaccurate:
-            args["accept_inaccurate"] = True
-        if problem.is_dpp():
-            program = _canonicalise(problem, solver, parameters, variables)
-            solve = DPPSolve(program, solver, args)
+        handles = check_handles(problem, parameters, variables, opts.gp)
+        compiler = _Compiler(problem, handles, opts)
+        return compiler.compiled({})
+
+
+class _Compiler:
+    """Builds (and caches) the layer's `Compiled` per solver and per solver settings.
+
+    The canonicalisation depends on the solver only (its PSD triangle, its cones), so it is done once per
+    solver; per-call ``solver_args`` only change the black box's settings.
+    """
+
+    def __init__(self, problem: Any, handles: Handles, opts: CvxpyOptions) -> None:
+        self.problem, self.handles, self.opts = problem, handles, opts
+        self.names = [f"parameter {i} ({p.name()!r})" for i, p in enumerate(handles.parameters)]
+        self.solver = _check_solver(opts.solver)
+        self.logged: set[int] = set()  # parameters a geometric program takes the logarithm of
+        self._parts: dict[str, tuple] = {}
+        self._compiled: dict[str, Compiled] = {}
+
+    def _build(self, solver: str) -> tuple:
+        """(solve factory: args -> black box, condition, outputs) for `solver`."""
+        if solver in self._parts:
+            return self._parts[solver]
+        opts, problem, handles = self.opts, self.problem, self.handles
+        with_duals = handles.wants_duals or opts.return_duals
+        if (opts.gp and problem.is_dpp("dgp")) or (not opts.gp and problem.is_dpp()):
+            canonical = canonicalise(problem, solver, opts.gp, canon_backend=opts.canon_backend)
+            _check_cones(canonical.param_prob, solver)
+            pieces = canonical.pieces(handles.parameters)
+            self.logged = {piece.index for piece in pieces if piece.log}
+            program = build_program(canonical.param_prob, canonical.solver_instance, pieces)
+            outputs = build_outputs(canonical, problem, handles, opts.gp, opts.return_duals)
             condition = ConeCondition(program, precondition=opts.precondition, refine=opts.refine,
-                                      dense_max=opts.dense_max)
-            outputs = Outputs(program, len(problem.constraints))
+                                      dense_max=opts.dense_max, with_duals=with_duals)
+            parts = (lambda args: DPPSolve(program, solver, args), condition, outputs)
         else:
             if not opts.allow_non_dpp:
                 raise InputError(
@@ -156,57 +184,75 @@ class CvxpyBackend(AbstractBackend):
                 )
             from ._nondpp import compile_non_dpp
 
-            solve, condition, outputs = compile_non_dpp(problem, solver, parameters, variables, args, opts)
-        return Compiled(
-            solve=solve,
-            condition=condition,
-            parameter_shapes=[tuple(p.shape) for p in parameters],
-            variable_shapes=[tuple(v.shape) for v in variables],
-            outputs=outputs,
-            backend=self.name,
-        )
+            parts = compile_non_dpp(problem, solver, handles, opts)
+        self._parts[solver] = parts
+        return parts
 
-
-def _check_handles(problem, parameters, variables) -> tuple[list, list]:
-    import cvxpy as cp
-
-    if not isinstance(problem, cp.Problem):
-        raise InputError(f"The cvxpy backend expects a cvxpy.Problem; got {type(problem).__name__}.")
-    if not problem.is_dcp():
-        raise InputError(
-            "The cvxpy problem is not DCP (disciplined convex), so it has no cone program to differentiate. "
-            "Check problem.is_dcp() and reformulate it."
-        )
-    parameters = list(problem.parameters() if parameters is None else parameters)
-    variables = list(problem.variables() if variables is None else variables)
-    for i, p in enumerate(parameters):
-        if not isinstance(p, cp.Parameter):
-            raise InputError(f"parameters[{i}] is a {type(p).__name__}; expected a cvxpy.Parameter.")
-    declared = {p.id for p in problem.parameters()}
-    given = {p.id for p in parameters}
-    if given != declared or len(given) != len(parameters):
-        names = sorted(p.name() for p in problem.parameters())
-        raise InputError(
-            f"parameters must list every cvxpy.Parameter of the problem exactly once; the problem has "
-            f"{names}, got {[p.name() for p in parameters]}. Pass parameters=[...] with all of them."
-        )
-    ids = {v.id for v in problem.variables()}
-    for i, v in enumerate(variables):
-        if not isinstance(v, cp.Variable) or v.id not in ids:
-            raise InputError(
-                f"variables[{i}] ({v!r}) is not a cvxpy.Variable of the problem; pass variables of the problem."
+    def compiled(self, solver_args: dict[str, Any]) -> Compiled:
+        """The `Compiled` for the construction-time options with `solver_args` merged over theirs."""
+        solver, args = _solver_settings(self.solver, self.opts, {**self.opts.solver_args, **solver_args})
+        key = f"{solver}:{sorted(args.items(), key=lambda kv: kv[0])!r}"
+        if key not in self._compiled:
+            if len(self._compiled) >= _MAX_SETTINGS:  # settings varied call after call: keep the newest
+                self._compiled.pop(next(iter(self._compiled)))
+            factory, condition, outputs = self._build(solver)
+            self._compiled[key] = Compiled(
+                solve=factory(args),
+                condition=condition,
+                parameter_shapes=[tuple(p.shape) for p in self.handles.parameters],
+                variable_shapes=self.handles.shapes(self.problem),
+                outputs=outputs,
+                backend=CvxpyBackend.name,
+                on_call=self.on_call,
             )
-    return parameters, variables
+        return self._compiled[key]
+
+    def on_call(self, params: tuple, call_options: dict[str, Any]) -> Compiled | None:
+        """Per call: check the parameter values, and apply ``solver_args={...}`` (cvxpylayers' forward)."""
+        check_values(self.handles.parameters, self.names, list(params), self.logged)
+        unknown = sorted(set(call_options) - {"solver_args"})
+        if unknown:
+            raise InputError(
+                f"The cvxpy layer takes the keyword argument solver_args at call time, not {unknown}. Pass "
+                "layer(*params, solver_args={...}), or set other options in bbd.layer(...)."
+            )
+        if "solver_args" not in call_options:
+            return None
+        extra = call_options["solver_args"]
+        if extra is None:
+            return None
+        if not isinstance(extra, dict):
+            raise InputError(
+                f"solver_args must be a dict of solver settings; got {type(extra).__name__}. Pass e.g. "
+                "solver_args={'eps': 1e-10}."
+            )
+        return self.compiled(extra)
 
 
-def _check_solver(name: str) -> str:
+def _check_cones(param_prob: Any, solver: str) -> None:
+    dims = param_prob.cone_dims
+    if dims.pnd:
+        raise InputError(
+            f"The cvxpy backend does not differentiate n-dimensional power cones (cp.PowConeND; the problem "
+            f"has {len(dims.pnd)}). Write them with 3-d power cones (cp.PowCone3D), which are supported."
+        )
+    if dims.exp and solver not in ("CLARABEL", "SCS"):
+        raise InputError(
+            f"The cvxpy backend differentiates exponential cones with CLARABEL or SCS, not {solver} (whose "
+            "exponential cone orders its coordinates differently). Pass solver='CLARABEL'."
+        )
+
+
+def _check_solver(name: Any) -> str:
     import cvxpy as cp
 
     solver = str(name).upper()
+    if solver in _ALIASES:
+        return _ALIASES[solver]
     if solver not in SOLVERS:
         raise InputError(
-            f"cvxpy backend: solver {name!r} is not supported; expected one of {sorted(SOLVERS)} "
-            f"(installed cvxpy solvers: {cp.installed_solvers()})."
+            f"cvxpy backend: solver {name!r} is not supported; expected one of {sorted(SOLVERS)}, or cvxpylayers' "
+            f"{sorted(_ALIASES)} (run as CLARABEL) (installed cvxpy solvers: {cp.installed_solvers()})."
         )
     if importlib.util.find_spec(_SOLVER_MODULES[solver]) is None:
         raise InputError(
@@ -216,65 +262,31 @@ def _check_solver(name: str) -> str:
     return solver
 
 
-def _cons_id_map(inverse_data: list) -> dict[int, int]:
-    """Compose the constraint id maps of cvxpy's reductions: user constraint id -> cone program id."""
-    mapping: dict[int, int] = {}
-    for inv in inverse_data:
-        step = getattr(inv, "cons_id_map", None)
-        if not step:
-            continue
-        if not mapping:
-            mapping = dict(step)
-            continue
-        mapping = {k: step.get(v, v) for k, v in mapping.items()}
-    return mapping
+def _solver_settings(solver: str, opts: CvxpyOptions, solver_args: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """(solver, settings): 'solve_method' picks the solver and 'eps' every tolerance, as in cvxpylayers."""
+    args = dict(solver_args)
+    method = args.pop("solve_method", None)
+    if method is not None:
+        solver = _check_solver(method)
+    eps = opts.eps
+    if "eps" in args:
+        eps = args.pop("eps")
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
+            raise InputError(f"solver_args['eps'] must be a positive number (a tolerance); got {eps!r}.")
+    if solver == "CLARABEL":
+        import clarabel
 
-
-def _canonicalise(problem, solver: str, parameters: list, variables: list) -> ConeProgram:
-    import cvxpy as cp
-
-    try:
-        data, chain, inverse = problem.get_problem_data(solver)
-    except cp.error.SolverError as err:
-        raise InputError(
-            f"cvxpy cannot pass this problem to {solver}: {err}. Pick a solver that supports its cones "
-            "(CLARABEL supports LP, QP, SOCP, SDP)."
-        ) from err
-    pp = data["param_prob"]
-    if pp.cone_dims.p3d or pp.cone_dims.pnd:
-        raise InputError(
-            "The cvxpy backend does not differentiate power cones yet (the problem has "
-            f"{len(pp.cone_dims.p3d) + len(pp.cone_dims.pnd)}). Supported: LP, QP, SOCP, SDP and "
-            "exponential cones."
-        )
-    if pp.cone_dims.exp and solver not in ("CLARABEL", "SCS"):
-        raise InputError(
-            f"The cvxpy backend differentiates exponential cones with CLARABEL or SCS, not {solver} (whose "
-            "exponential cone orders its coordinates differently). Pass solver='CLARABEL'."
-        )
-    if data.get("lower_bounds") is not None or data.get("upper_bounds") is not None:
-        raise InputError(
-            "The cvxpy backend does not support variable bounds (Variable(bounds=...)); write them as "
-            "constraints instead."
-        )
-    cols = pp.var_id_to_col
-    id_map = _var_id_map(chain)
-    sizes = sorted(cols.values()) + [pp.x.size]
-    span = {c: sizes[i + 1] - c for i, c in enumerate(sorted(cols.values()))}
-    for v in variables:
-        vid = id_map.get(v.id, v.id)
-        if vid not in cols or span[cols[vid]] < v.size:
+        settings = clarabel.DefaultSettings()
+        bad = sorted(k for k in args if k != "accept_inaccurate" and not hasattr(settings, k))
+        if bad:
+            valid = sorted(k for k in dir(settings) if not k.startswith("_") and k != "default")
             raise InputError(
-                f"Variable {v.name()} is stored compressed by cvxpy (a symmetric, PSD or diagonal attribute); "
-                "the cvxpy backend returns it only when declared without that attribute. Declare it plainly "
-                "and add the matching constraint (X == X.T, X >> 0)."
+                f"solver_args {bad} are not settings of CLARABEL, the solver this layer runs (SCS's settings need "
+                f"solver='SCS' or solver_args={{'solve_method': 'SCS'}}); CLARABEL's settings are {valid}."
             )
-    return build_program(pp, chain.reductions[-1], parameters, variables, problem, _cons_id_map(inverse), id_map)
+    out = {**default_solver_args(solver, eps), **({"verbose": True} if opts.verbose else {}), **args}
+    if opts.accept_inaccurate:
+        out["accept_inaccurate"] = True
+    return solver, out
 
 
-def _var_id_map(chain) -> dict[int, int]:
-    """User variable id -> cone program variable id where cvxpy replaced a variable one-to-one."""
-    compose = getattr(chain, "compose_var_id_map", None)
-    if compose is None:
-        return {}
-    return {k: v[0] for k, v in compose().items() if len(v) == 1}

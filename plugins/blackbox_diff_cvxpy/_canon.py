@@ -3,7 +3,7 @@
 cvxpy reduces a DPP problem to the parametric cone program
 
     minimise    1/2 x^T P x + c^T x
-    subject to  b - A x in K,      K = {0}^z x R_+^l x SOC(q_1) x ... x PSD(s_1) x ...
+    subject to  b - A x in K,      K = {0}^z x R_+^l x SOC(q_1) x ... x PSD(s_1) x ... x K_exp^e x K_pow(a_1) x ...
 
 whose data (P, c, A, b) are affine in the stacked parameter vector theta (cvxpy's `ParamConeProg`). This
 module builds that map once and applies it two ways: with scipy (the forward solve, per instance) and
@@ -22,7 +22,9 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-__all__ = ["AffineMap", "ConeLayout", "ConeProgram", "build_program", "theta_numpy", "theta_torch"]
+from ._theta import ThetaPiece
+
+__all__ = ["AffineMap", "ConeLayout", "ConeProgram", "build_program"]
 
 
 @dataclasses.dataclass
@@ -66,7 +68,7 @@ class AffineMap:
 
 @dataclasses.dataclass
 class ConeLayout:
-    """Cone dimensions in the solver's order: zero, nonneg, SOC blocks, PSD blocks (scaled triangles)."""
+    """Cone dimensions in the solver's order: zero, nonneg, SOC, PSD (scaled triangles), exp, power."""
 
     zero: int
     nonneg: int
@@ -74,14 +76,21 @@ class ConeLayout:
     psd: list[int]
     psd_upper: bool  # True: upper triangle, column-major (Clarabel); False: lower, column-major (SCS)
     exp: int = 0
+    pow: list[float] = dataclasses.field(default_factory=list)  # the alpha of each 3-d power cone
 
     @property
     def size(self) -> int:
-        return self.zero + self.nonneg + sum(self.soc) + sum(k * (k + 1) // 2 for k in self.psd) + 3 * self.exp
+        return (self.zero + self.nonneg + sum(self.soc) + sum(k * (k + 1) // 2 for k in self.psd) + 3 * self.exp
+                + 3 * len(self.pow))
 
     @property
     def conic_start(self) -> int:
         return self.zero + self.nonneg
+
+    @property
+    def nonlinear(self) -> bool:
+        """Whether any row belongs to a cone that is not polyhedral."""
+        return bool(self.soc or self.psd or self.exp or self.pow)
 
     def describe(self) -> str:
         parts = [f"zero {self.zero}", f"nonneg {self.nonneg}"]
@@ -91,6 +100,8 @@ class ConeLayout:
             parts.append(f"psd {self.psd}")
         if self.exp:
             parts.append(f"exp {self.exp}")
+        if self.pow:
+            parts.append(f"pow {self.pow}")
         return ", ".join(parts)
 
 
@@ -103,9 +114,8 @@ class ConeProgram:
         c_map: theta -> c (n); A_map: theta -> values of A on (A_rows, A_cols); b_map: theta -> b (m);
         P_map: theta -> values of the full symmetric P on (P_rows, P_cols), or None for a linear objective.
         cones: the cone layout of the rows.
-        param_cols: per parameter in call order, (offset into theta, size, shape).
-        var_slices: per requested variable, (offset into x, shape).
-        constraint_slices: per user constraint, (row offset, size, shape) of its dual in y, or None.
+        n_theta: size of theta (without the constant 1).
+        pieces: how the user's parameters fill theta (`_theta.ThetaPiece`).
     """
 
     n: int
@@ -120,9 +130,7 @@ class ConeProgram:
     P_cols: np.ndarray
     cones: ConeLayout
     n_theta: int
-    param_cols: list[tuple[int, int, tuple[int, ...]]]
-    var_slices: list[tuple[int, tuple[int, ...]]]
-    constraint_slices: list[tuple[int, int, tuple[int, ...]] | None]
+    pieces: list[ThetaPiece]
 
     # --- numpy: the forward solve ------------------------------------------------------------
     def _structure(self):
@@ -175,34 +183,6 @@ class ConeProgram:
         return P, c, A, b
 
 
-def _fortran_flat_np(value: np.ndarray) -> np.ndarray:
-    return np.asarray(value, dtype=np.float64).reshape(-1, order="F")
-
-
-def _fortran_flat_t(value: torch.Tensor) -> torch.Tensor:
-    if value.dim() <= 1:
-        return value.reshape(-1)
-    return value.permute(*reversed(range(value.dim()))).reshape(-1)
-
-
-def theta_numpy(program: ConeProgram, params: list[np.ndarray]) -> np.ndarray:
-    """The stacked parameter vector (cvxpy's column order, Fortran-flattened, constant 1 last)."""
-    theta = np.empty(program.n_theta + 1)
-    for (off, size, _), p in zip(program.param_cols, params, strict=True):
-        theta[off : off + size] = _fortran_flat_np(p)
-    theta[-1] = 1.0
-    return theta
-
-
-def theta_torch(program: ConeProgram, params: tuple[torch.Tensor, ...]) -> torch.Tensor:
-    """The same vector in torch; parameters may be given in any order, it is placed by column."""
-    order = sorted(range(len(params)), key=lambda i: program.param_cols[i][0])
-    pieces = [_fortran_flat_t(params[i]) for i in order]
-    ref = params[order[0]] if params else torch.zeros(())
-    pieces.append(ref.new_ones(1))
-    return torch.cat(pieces)
-
-
 def _split_A(A_tensor: Any, m: int, n: int):
     """cvxpy's A tensor has rows (i + m*j) for j < n (matrix) and j == n (offset). Returns the matrix part
     as (rows, cols, map) with the sign flipped to the solver's convention, and the offset part as a map."""
@@ -228,18 +208,13 @@ def _split_P(P_tensor: Any, n: int):
     return uniq % n, uniq // n, AffineMap.from_scipy(part)
 
 
-def build_program(param_prob: Any, solver_instance: Any, parameters: list, variables: list, problem: Any,
-                  cons_id_map: dict[int, int], var_id_map: dict[int, int] | None = None) -> ConeProgram:
+def build_program(param_prob: Any, solver_instance: Any, pieces: list[ThetaPiece]) -> ConeProgram:
     """Build the `ConeProgram` of a formatted cvxpy `ParamConeProg`.
 
     Args:
         param_prob: ``problem.get_problem_data(solver)[0]["param_prob"]``.
         solver_instance: the cvxpy solver reduction (PSD triangle convention).
-        parameters, variables: the user's handles, in call / output order.
-        problem: the user's problem (its constraints give the dual outputs).
-        cons_id_map: user constraint id -> canonical constraint id (identity where unchanged).
-        var_id_map: user variable id -> cone program variable id, for variables cvxpy replaced (e.g. a
-            nonneg=True variable becomes a plain one plus a constraint); identity where absent.
+        pieces: how the user's parameters fill theta (`_theta.build_pieces`).
     """
     from cvxpy.utilities.psd_utils import TriangleKind
 
@@ -252,6 +227,7 @@ def build_program(param_prob: Any, solver_instance: Any, parameters: list, varia
         psd=[int(k) for k in dims.psd],
         psd_upper=getattr(solver_instance, "PSD_TRIANGLE_KIND", None) == TriangleKind.UPPER,
         exp=int(dims.exp),
+        pow=[float(a) for a in dims.p3d],
     )
     m = layout.size
     q = sp.csr_array(param_prob.q)
@@ -262,21 +238,7 @@ def build_program(param_prob: Any, solver_instance: Any, parameters: list, varia
     else:
         P_rows = P_cols = np.zeros(0, dtype=np.int64)
         P_map = None
-    param_cols = []
-    for p in parameters:
-        param_cols.append((int(param_prob.param_id_to_col[p.id]), int(p.size), tuple(p.shape)))
-    var_id_map = var_id_map or {}
-    var_slices = [(int(param_prob.var_id_to_col[var_id_map.get(v.id, v.id)]), tuple(v.shape)) for v in variables]
-    offsets, row = {}, 0
-    for con in param_prob.constraints:
-        offsets[con.id] = row
-        row += int(con.size)
-    constraint_slices: list[tuple[int, int, tuple[int, ...]] | None] = []
-    for con in problem.constraints:
-        cid = cons_id_map.get(con.id, con.id)
-        constraint_slices.append((offsets[cid], int(con.size), tuple(con.shape)) if cid in offsets else None)
     return ConeProgram(
         n=n, m=m, c_map=c_map, A_map=A_map, A_rows=A_rows, A_cols=A_cols, b_map=b_map, P_map=P_map,
-        P_rows=P_rows, P_cols=P_cols, cones=layout, n_theta=int(param_prob.total_param_size),
-        param_cols=param_cols, var_slices=var_slices, constraint_slices=constraint_slices,
+        P_rows=P_rows, P_cols=P_cols, cones=layout, n_theta=int(param_prob.total_param_size), pieces=pieces,
     )

@@ -6,9 +6,10 @@ For  min 1/2 x^T P x + c^T x  s.t.  s = b - A x in K  with dual y in K*, the unk
 * non-negative rows: the active set is identified explicitly from slacks and multipliers together
   (`bbd`'s `classify`); w = a*y and the rows read  a*(A x - b) + (1-a)*w = 0, so inactive multipliers
   are pinned to zero and active rows hold with equality (the KKT system of the equality-constrained QP);
-* second-order, PSD and exponential cones: w = y - s (Moreau decomposition), y = Pi_K*(w), s = Pi_K(-w),
-  and the rows read  A x + Pi_K(-w) - b = 0.  The SOC and PSD projections have closed forms that torch
-  differentiates; the exponential one is numerical with an implicit derivative (`_expcone`).
+* second-order, PSD, exponential and power cones: w = y - s (Moreau decomposition), y = Pi_K*(w),
+  s = Pi_K(-w), and the rows read  A x + Pi_K(-w) - b = 0.  The SOC and PSD projections have closed forms
+  that torch differentiates; the exponential one is numerical with an implicit derivative (`_expcone`),
+  the power cone's a torch root-find whose last Newton step carries the derivative (`_powcone`).
 
 Stationarity closes the system:  P x + c + A^T y = 0.  The Jacobian dF/dz is the exact derivative of
 the solution map at the returned point (one-sided where a constraint is weakly active), so the adjoint
@@ -25,9 +26,11 @@ import torch
 
 from blackbox_diff import AbstractCondition
 
-from ._canon import ConeLayout, theta_torch
+from ._canon import ConeLayout
 from ._expcone import exp_jacobian, project_exp
+from ._powcone import project_pow
 from ._refine import polyhedral_refine
+from ._theta import theta_torch
 
 __all__ = ["ConeCondition", "project_psd", "project_soc"]
 
@@ -75,9 +78,9 @@ def project_psd(v: torch.Tensor, k: int, upper: bool) -> torch.Tensor:
 
 
 def _cone_parts(w: torch.Tensor, cones: ConeLayout) -> tuple[torch.Tensor, torch.Tensor]:
-    """(y, s) = (Pi_K*(w), Pi_K(-w)) for the SOC, PSD and exponential rows (after zero and nonneg).
+    """(y, s) = (Pi_K*(w), Pi_K(-w)) for the SOC, PSD, exponential and power rows (after zero and nonneg).
 
-    SOC and PSD cones are self-dual; for the exponential cone y = w + Pi_K(-w) (Moreau).
+    SOC and PSD cones are self-dual; for the exponential and power cones y = w + Pi_K(-w) (Moreau).
     """
     ys, ss, off = [], [], 0
     for k in cones.soc:
@@ -96,13 +99,19 @@ def _cone_parts(w: torch.Tensor, cones: ConeLayout) -> tuple[torch.Tensor, torch
         s_exp = project_exp(-blk)
         ys.append(blk + s_exp)
         ss.append(s_exp)
+        off += 3 * cones.exp
+    if cones.pow:
+        blk = w[..., off : off + 3 * len(cones.pow)]
+        s_pow = project_pow(-blk, torch.tensor(cones.pow, dtype=torch.float64))
+        ys.append(blk + s_pow)
+        ss.append(s_pow)
     if not ys:
         return w[..., :0], w[..., :0]
     return torch.cat(ys, dim=-1), torch.cat(ss, dim=-1)
 
 
 def _cone_jacobians(w: torch.Tensor, cones: ConeLayout) -> tuple[torch.Tensor, torch.Tensor]:
-    """Block-diagonal dPi_K*(w)/dw and dPi_K(-w)/dw over the SOC and PSD rows (dense)."""
+    """Block-diagonal dPi_K*(w)/dw and dPi_K(-w)/dw over the conic rows (dense)."""
     dy, ds, off = [], [], 0
     blocks = [(k, "soc") for k in cones.soc] + [(k, "psd") for k in cones.psd]
     for k, kind in blocks:
@@ -121,6 +130,13 @@ def _cone_jacobians(w: torch.Tensor, cones: ConeLayout) -> tuple[torch.Tensor, t
         J = torch.as_tensor(exp_jacobian(-blk)).to(w)
         dy.append(torch.eye(3, dtype=w.dtype, device=w.device) - J)
         ds.append(-J)
+        off += 3
+    for alpha in cones.pow:
+        alphas = torch.tensor([alpha], dtype=torch.float64)
+        # Plain autograd, not jacrev: outside a torch.func transform the root is found in numpy (fast).
+        J = torch.autograd.functional.jacobian(lambda v, a=alphas: project_pow(-v, a), w[off : off + 3].detach())
+        dy.append(torch.eye(3, dtype=w.dtype, device=w.device) + J)
+        ds.append(J)
         off += 3
     if not dy:
         empty = w.new_zeros(0, 0)
@@ -156,8 +172,10 @@ class ConeCondition(AbstractCondition):
     raw_solution = True
 
     def __init__(self, program: Any, *, precondition: bool = True, refine: bool = True,
-                 linearization: bool = False, dense_max: int = 2000) -> None:
+                 linearization: bool = False, dense_max: int = 2000, with_duals: bool = False) -> None:
         self.program = program
+        # The result handed to the outputs holds the cone program's dual y too (dual variables requested).
+        self.with_duals = with_duals
         # A dense LU per instance costs (n + m)^2 memory: beyond dense_max the engine's Krylov solver runs.
         self.dense = program.n + program.m <= dense_max
         self.precondition = precondition and self.dense
@@ -172,7 +190,7 @@ class ConeCondition(AbstractCondition):
 
     # --- data --------------------------------------------------------------------------------------
     def _data(self, extra: tuple, params: tuple):
-        theta = theta_torch(self.program, params)
+        theta = theta_torch(self.program.pieces, self.program.n_theta, params)
         if not self.linearization:
             return self.program.data_torch(theta)
         data0, jac, theta0 = extra
@@ -272,12 +290,12 @@ class ConeCondition(AbstractCondition):
         a = active.to(dtype)
         x = tensor(answer.x)
         none = (torch.zeros(0, 0, dtype=dtype, device=device), torch.zeros(0, dtype=torch.int32, device=device))
-        if not self.refine or (not self.dense and (cones.soc or cones.psd or cones.exp)):
+        if not self.refine or (not self.dense and cones.nonlinear):
             z = torch.cat([x, y[:z0], a * y[z0:start], y[start:] - s[start:]])
             _warn_weak(weak, options.active_tol)
             if not self.precondition:
                 return z, (a, *none, *extra)
-        if self.refine and not (cones.soc or cones.psd or cones.exp) and getattr(answer, "data", None) is not None:
+        if self.refine and not cones.nonlinear and getattr(answer, "data", None) is not None:
             fast = polyhedral_refine(answer.data, np.asarray(answer.x, dtype=np.float64),
                                       np.asarray(answer.y, dtype=np.float64), np.asarray(answer.s, dtype=np.float64),
                                       z0, cones.nonneg, options.active_tol, dense=self.dense)
@@ -341,7 +359,7 @@ class ConeCondition(AbstractCondition):
                 flip_on = (act == 0) & (slack < -scale)
                 flip_off = (act == 1) & (mult < -scale)
                 if not bool(flip_on.any() or flip_off.any()):
-                    if cones.soc or cones.psd or cones.exp:
+                    if cones.nonlinear:
                         z_new, fac = self._newton(z_new, act, data, fac, size, factor)
                     if size(z_new, act) < base:
                         weak = ((act == 0) & (slack <= scale)) | ((act == 1) & (mult <= scale))
@@ -380,8 +398,10 @@ class ConeCondition(AbstractCondition):
         return z, factor(z, act) or fac
 
     def finish(self, z: torch.Tensor, aux: tuple, options: Any) -> Any:
+        """x, or [x, y] when dual variables are among the outputs (y = Pi_K*(w): a torch expression of the
+        unknowns, so the duals' gradients come from the engine like the primal's)."""
         x, w = self._split(z)
-        if not getattr(options, "return_duals", False):
+        if not (self.with_duals or getattr(options, "return_duals", False)):
             return x
         y, _ = self._y_s(w, aux[0])
         return torch.cat([x, y], dim=-1)

@@ -22,7 +22,9 @@ from blackbox_diff import InputError, SolverError
 
 from ._canon import ConeLayout, build_program
 from ._condition import ConeCondition
+from ._problem import Canonical, Handles, build_outputs, canonicalise
 from ._solvers import solve_conic
+from ._theta import ThetaPiece, sequential_pieces, theta_numpy
 
 __all__ = ["LinearizedProgram", "compile_non_dpp"]
 
@@ -38,9 +40,7 @@ class LinearizedProgram:
     quadratic: bool
     cones: ConeLayout
     n_theta: int
-    param_cols: list[tuple[int, int, tuple[int, ...]]]
-    var_slices: list[tuple[int, tuple[int, ...]]]
-    constraint_slices: list[Any]
+    pieces: list[ThetaPiece]
 
     @property
     def data_size(self) -> int:
@@ -66,17 +66,23 @@ class LinearizedProgram:
         return P, c, A, b
 
 
-def _canonical(problem, solver: str, parameters: list, variables: list, values: list):
-    """Canonicalise with the given parameter values (treated as constants); returns (program, data)."""
+def _canonical(problem, solver: str, parameters: list, values: list) -> tuple[Canonical, Any, tuple]:
+    """Canonicalise with the given parameter values (treated as constants); (canonical, program, data)."""
     for p, v in zip(parameters, values, strict=True):
         p.value = v
-    data, chain, inverse = problem.get_problem_data(solver, ignore_dpp=True)
-    from ._backend import _cons_id_map, _var_id_map
+    canonical = canonicalise(problem, solver, gp=False, ignore_dpp=True)
+    program = build_program(canonical.param_prob, canonical.solver_instance, [])
+    return canonical, program, program.data(np.ones(1))
 
-    program = build_program(data["param_prob"], chain.reductions[-1], [], variables, problem,
-                            _cons_id_map(inverse), _var_id_map(chain))
-    P, c, A, b = program.data(np.ones(1))
-    return program, (P, c, A, b)
+
+def _value(piece: ThetaPiece, parameter: Any, block: np.ndarray) -> np.ndarray:
+    """A parameter's full value from its (possibly lowered) block of theta."""
+    if piece.gather is None:
+        return block.reshape(piece.shape, order="F")
+    from cvxpy.reductions.cvx_attr2constr import recover_value_for_leaf
+
+    full = recover_value_for_leaf(parameter, block, project=False)
+    return full.toarray() if hasattr(full, "toarray") else np.asarray(full)
 
 
 def _placeholder(p) -> np.ndarray:
@@ -90,17 +96,16 @@ def _placeholder(p) -> np.ndarray:
 class NonDPPSolve:
     """The black box of one instance: canonicalise, differentiate the data by central differences, solve."""
 
-    def __init__(self, problem, solver: str, parameters: list, variables: list, layout: LinearizedProgram,
+    def __init__(self, problem, solver: str, parameters: list, layout: LinearizedProgram,
                  args: dict[str, Any], fd_step: float) -> None:
-        self.problem, self.solver, self.parameters, self.variables = problem, solver, parameters, variables
+        self.problem, self.solver, self.parameters = problem, solver, parameters
         self.layout, self.args, self.fd_step = layout, args, fd_step
         self.__name__ = f"cvxpy[{solver}, non-DPP]"
 
     def _data(self, theta: np.ndarray) -> np.ndarray:
-        values = []
-        for off, size, shape in self.layout.param_cols:
-            values.append(theta[off : off + size].reshape(shape, order="F"))
-        program, data = _canonical(self.problem, self.solver, self.parameters, self.variables, values)
+        values = [_value(piece, self.parameters[piece.index], theta[piece.offset : piece.offset + piece.size])
+                  for piece in self.layout.pieces]
+        _, program, data = _canonical(self.problem, self.solver, self.parameters, values)
         if (program.n, program.m, program.cones.describe()) != (
             self.layout.n, self.layout.m, self.layout.cones.describe()
         ):
@@ -114,7 +119,7 @@ class NonDPPSolve:
         return self.layout.flatten_data(*data)
 
     def __call__(self, *params: np.ndarray):
-        theta0 = np.concatenate([np.asarray(p, dtype=np.float64).reshape(-1, order="F") for p in params])
+        theta0 = theta_numpy(self.layout.pieces, self.layout.n_theta, list(params))[:-1]
         with _LOCK:
             saved = [p.value for p in self.parameters]
             try:
@@ -140,15 +145,16 @@ class NonDPPSolve:
         return answer, data0, jac, np.append(theta0, 1.0)
 
 
-def compile_non_dpp(problem, solver: str, parameters: list, variables: list, args: dict[str, Any], opts):
-    """(solve, condition, outputs) for a problem that is not DPP."""
-    from ._backend import Outputs
-
+def compile_non_dpp(problem, solver: str, handles: Handles, opts) -> tuple:
+    """(solve factory: args -> black box, condition, outputs) for a problem that is not DPP."""
+    parameters = handles.parameters
     with _LOCK:
         saved = [p.value for p in parameters]
         try:
-            program, data = _canonical(problem, solver, parameters, variables,
-                                       [_placeholder(p) for p in parameters])
+            canonical, program, data = _canonical(problem, solver, parameters, [_placeholder(p) for p in parameters])
+            outputs = build_outputs(canonical, problem, handles, False, opts.return_duals)
+        except InputError:
+            raise
         except Exception as err:
             raise InputError(
                 f"cvxpy backend: canonicalising the non-DPP problem for {solver} failed ({err}). Give every "
@@ -157,20 +163,18 @@ def compile_non_dpp(problem, solver: str, parameters: list, variables: list, arg
         finally:
             for p, v in zip(parameters, saved, strict=True):
                 p.value = v
-    if program.cones.exp and solver not in ("CLARABEL", "SCS"):
-        raise InputError(
-            f"The cvxpy backend differentiates exponential cones with CLARABEL or SCS, not {solver} (whose "
-            "exponential cone orders its coordinates differently). Pass solver='CLARABEL'."
-        )
-    cols, off = [], 0
-    for p in parameters:
-        cols.append((off, int(p.size), tuple(p.shape)))
-        off += int(p.size)
+    from ._backend import _check_cones
+
+    _check_cones(canonical.param_prob, solver)
+    pieces = sequential_pieces(parameters)
     layout = LinearizedProgram(
-        n=program.n, m=program.m, quadratic=data[0] is not None, cones=program.cones, n_theta=off,
-        param_cols=cols, var_slices=program.var_slices, constraint_slices=program.constraint_slices,
+        n=program.n, m=program.m, quadratic=data[0] is not None, cones=program.cones,
+        n_theta=sum(piece.size for piece in pieces), pieces=pieces,
     )
-    solve = NonDPPSolve(problem, solver, parameters, variables, layout, args, opts.fd_step)
     condition = ConeCondition(layout, precondition=opts.precondition, refine=opts.refine, linearization=True,
-                              dense_max=opts.dense_max)
-    return solve, condition, Outputs(layout, len(problem.constraints))
+                              dense_max=opts.dense_max, with_duals=handles.wants_duals or opts.return_duals)
+
+    def factory(args: dict[str, Any]) -> NonDPPSolve:
+        return NonDPPSolve(problem, solver, parameters, layout, args, opts.fd_step)
+
+    return factory, condition, outputs

@@ -78,6 +78,7 @@ def _clarabel(P, c, A, b, cones: ConeLayout, args: dict[str, Any]) -> ConicAnswe
     spec += [clarabel.SecondOrderConeT(k) for k in cones.soc]
     spec += [clarabel.PSDTriangleConeT(k) for k in cones.psd]
     spec += [clarabel.ExponentialConeT() for _ in range(cones.exp)]
+    spec += [clarabel.PowerConeT(alpha) for alpha in cones.pow]
     settings = clarabel.DefaultSettings()
     settings.verbose = False
     accept = args.pop("accept_inaccurate", False)
@@ -101,7 +102,8 @@ def _scs(P, c, A, b, cones: ConeLayout, args: dict[str, Any]) -> ConicAnswer:
     data = {"A": A, "b": b, "c": c}
     if P is not None:
         data["P"] = P
-    cone = {"z": cones.zero, "l": cones.nonneg, "q": list(cones.soc), "s": list(cones.psd), "ep": cones.exp}
+    cone = {"z": cones.zero, "l": cones.nonneg, "q": list(cones.soc), "s": list(cones.psd), "ep": cones.exp,
+            "p": list(cones.pow)}
     accept = args.pop("accept_inaccurate", False)
     args.setdefault("verbose", False)
     out = scs.SCS(data, cone, **args).solve()
@@ -122,8 +124,8 @@ def _ecos(P, c, A, b, cones: ConeLayout, args: dict[str, Any]) -> ConicAnswer:
 
     if P is not None:
         raise _Failure("ECOS takes no quadratic objective (canonicalisation should have removed it)")
-    if cones.psd:
-        raise _Failure("ECOS does not support PSD cones")
+    if cones.psd or cones.pow:
+        raise _Failure("ECOS does not support PSD or power cones")
     A = _csc(A)
     z = cones.zero
     dims = {"l": cones.nonneg, "q": list(cones.soc), "e": cones.exp}
@@ -143,7 +145,7 @@ def _ecos(P, c, A, b, cones: ConeLayout, args: dict[str, Any]) -> ConicAnswer:
 def _osqp(P, c, A, b, cones: ConeLayout, args: dict[str, Any]) -> ConicAnswer:
     import osqp
 
-    if cones.soc or cones.psd or cones.exp:
+    if cones.nonlinear:
         raise _Failure("OSQP solves QPs only (zero and non-negative cones); this problem has other cones")
     n = c.size
     A = _csc(A)
