@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -412,29 +413,30 @@ def _record(report: GradientReport, g, fd, unc, natural: float, noise: float, no
 
 
 def saved_tensor_bytes(fn: Callable[[], Any]) -> int:
-    """Bytes of the distinct tensors autograd saves for the backward while `fn()` runs, beyond the
-    caller's own leaf tensors.
+    """Bytes of the distinct tensors autograd keeps saved for the backward of what `fn()` returns,
+    beyond the caller's own leaf tensors.
 
     The memory an implicit layer keeps for its backward should not grow with the solver's iteration
     count; this measures it (e.g. ``saved_tensor_bytes(lambda: layer(x))`` with few and many iterations).
-    Leaf tensors that require grad (module parameters, inputs the caller created) and views of them live
-    whether or not a backward is pending, so references to them are not counted; a tensor saved by several
-    operations is counted once (one allocation).
+    Only tensors still saved when `fn` returns count (a graph built and dropped inside the call, e.g. to
+    check the answer, holds nothing for the backward). Leaf tensors that require grad (module parameters,
+    inputs the caller created) and views of them live whether or not a backward is pending, so references
+    to them are not counted; a tensor saved by several operations is counted once (one allocation).
     """
-    total = 0
-    seen: set[tuple[int, int]] = set()
+    saved: list[tuple[Any, tuple[int, int], int]] = []
 
     def pack(t: torch.Tensor) -> torch.Tensor:
-        nonlocal total
         base = t if t._base is None else t._base  # a view of a parameter (W.T) is that parameter
-        if base.is_leaf and base.requires_grad:
-            return t
-        key = (t.untyped_storage().data_ptr(), t.storage_offset()) if t.device.type != "meta" else (id(t), 0)
-        if key not in seen:
-            seen.add(key)
-            total += t.numel() * t.element_size()
+        if not (base.is_leaf and base.requires_grad):
+            key = (t.untyped_storage().data_ptr(), t.storage_offset()) if t.device.type != "meta" else (id(t), 0)
+            saved.append((weakref.ref(t), key, t.numel() * t.element_size()))
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
+        result = fn()  # noqa: F841 - held so that the graph it owns (and its saved tensors) stays alive
+    total, seen = 0, set()
+    for ref, key, nbytes in saved:
+        if ref() is not None and key not in seen:
+            seen.add(key)
+            total += nbytes
     return total

@@ -47,6 +47,16 @@ class AbstractCondition(abc.ABC):
         """The vector whose largest magnitude certifies the answer (default: the residual)."""
         return self.residual(z, *params)
 
+    def residual_scale(self, z: torch.Tensor, *params: Any) -> torch.Tensor:
+        """The size of the terms each `certificate` component is made of (nonnegative, its shape).
+
+        Certification compares every component with its own terms, so that units and large unknowns elsewhere
+        cannot loosen or tighten the test. The default is estimated by the engine from the certificate's
+        derivatives (a few forward-mode products); override it when the terms are known and cheap (e.g.
+        ``|Q| |x| + |p| + |A^T| |y|`` for a QP's stationarity rows).
+        """
+        raise NotImplementedError  # never called: the engine checks whether a subclass overrides it
+
     def prepare(self, solution: Any, params: tuple[Any, ...], options: Any) -> tuple[torch.Tensor, tuple]:
         """Turn one black-box answer (already a tensor for this base) into (z, aux).
 

@@ -279,6 +279,12 @@ class _BlackBoxCall(engine.Call):
         use_vmap = bool(getattr(self.condition, "vmappable", True))
         return _Residual(self.condition.certificate, self.shape, use_vmap)
 
+    def scale_fn(self):
+        if type(self.condition).residual_scale is AbstractCondition.residual_scale:
+            return None
+        use_vmap = bool(getattr(self.condition, "vmappable", True))
+        return _Residual(self.condition.residual_scale, self.shape, use_vmap)
+
     def fresh(self, batched):
         new = super().fresh(batched)
         new._residual = None

@@ -35,10 +35,12 @@ class ImplicitOptions(BaseModel):
         0.0, ge=0.0, description="Tikhonov term: solve (J + ridge*I)^T u = g instead of J^T u = g."
     )
     residual_tol: float | None = Field(
-        1e-6,
+        1e-5,
         gt=0.0,
-        description="Certification: the black box's answer z must satisfy "
-        "max|F(z, params)| <= residual_tol * (1 + max|z|). None disables certification.",
+        description="Certification: every component of F(z, params) at the black box's answer must be at "
+        "most residual_tol relative to the size of the terms it is made of (|dF_i/dz_j z_j|, "
+        "|dF_i/dp_k p_k|), plus sqrt(residual_tol) x the instance's largest term; never below 100 eps of the "
+        "dtype. None disables certification.",
     )
     certify: Literal["raise", "warn"] = Field(
         "raise", description="What an uncertified answer does: fail that instance, or only warn."

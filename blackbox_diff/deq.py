@@ -188,7 +188,8 @@ class DEQ(torch.nn.Module):
         solver: 'anderson' (default), 'iteration', or a callable ``solver(T, z0) -> z`` (or a
             `FixedPointResult`) where T maps a batch of z to f(z, x).
         tol: forward tolerance, ``max|f(z, x) - z| <= tol (1 + max|z|)`` per instance; None: 1e-8 in
-            float64, 1e-5 in float32 (certification uses 10 x tol unless `residual_tol` is given).
+            float64, 1e-5 in float32 (certification, which compares each component with its own terms, uses
+            100 x tol unless `residual_tol` is given: the forward's test is relative to the largest |z| only).
         max_iter: cap on forward evaluations of f.
         solver_options: extra keywords of the built-in solver (e.g. ``{"m": 6, "beta": 1.0}``).
         linear_solver: adjoint solver of the backward: 'auto' (Neumann when a converged plain iteration
@@ -246,7 +247,7 @@ class DEQ(torch.nn.Module):
         self._options = {
             (m, dt): parse_options({
                 "linear_solver": m,
-                "residual_tol": 10 * self._tol(dt) if residual_tol == "default" else residual_tol,
+                "residual_tol": 100 * self._tol(dt) if residual_tol == "default" else residual_tol,
                 "rtol": self._tol(dt) if rtol is None else rtol,
                 **implicit_options,
             })
@@ -307,11 +308,12 @@ class DEQ(torch.nn.Module):
                 f"DEQ expects x to be a floating-point tensor of shape (B, ...) (batch first); got "
                 f"{type(x).__name__}{' of shape ' + str(tuple(x.shape)) if torch.is_tensor(x) else ''}."
             )
-        z0 = torch.zeros_like(x) if z0 is None else z0.to(dtype=x.dtype, device=x.device)
+        # z0 travels as an input only when given (vmap must fold it with x); otherwise zeros inside.
+        starts = [] if z0 is None else [z0.detach().to(dtype=x.dtype, device=x.device)]
         lifted = engine.lift(self.f)
         weights = [] if lifted is None else lifted.tensors
-        call = _DEQCall(self, x.dtype, lifted)
-        Z, _ = engine.apply(call, [x, z0.detach(), *weights])
+        call = _DEQCall(self, x.dtype, lifted, has_start=bool(starts))
+        Z, _ = engine.apply(call, [x, *starts, *weights])
         return Z.reshape(x.shape[0], *call.shape)
 
 
@@ -323,19 +325,23 @@ class _DEQCall(engine.Call):
     coupling_hint = ("f mixes the instances of the batch (e.g. batch statistics); a DEQ needs f to act on each row "
                      "of z and x independently.")
 
-    def __init__(self, deq: DEQ, dtype: torch.dtype, lifted: engine.Lifted | None) -> None:
+    def __init__(self, deq: DEQ, dtype: torch.dtype, lifted: engine.Lifted | None, has_start: bool) -> None:
         key = ("neumann" if deq.linear_solver == "auto" else deq.linear_solver,
                torch.float64 if dtype == torch.float64 else torch.float32)
         n_weights = 0 if lifted is None else len(lifted.names)
-        super().__init__(deq._options[key], (True, True) + (False,) * n_weights, "FixedPoint")
-        self.deq, self.dtype, self.lifted = deq, key[1], lifted
+        super().__init__(deq._options[key], (True,) * (1 + has_start) + (False,) * n_weights, "FixedPoint")
+        self.deq, self.dtype, self.lifted, self.has_start = deq, key[1], lifted, has_start
         self.shape: torch.Size | None = None
+
+    def _split(self, params) -> tuple[torch.Tensor, torch.Tensor | None, list[torch.Tensor]]:
+        x = params[0]
+        return x, (params[1] if self.has_start else None), list(params[1 + self.has_start :])
 
     def _f(self, z: torch.Tensor, x: torch.Tensor, weights: list[torch.Tensor]) -> torch.Tensor:
         return self.deq.f(z, x) if self.lifted is None else self.lifted(weights, z, x)
 
     def answers(self, params: list[torch.Tensor]) -> engine.Answers:
-        x, z0, *weights = params
+        x, z0, weights = self._split(params)
         check_finite([x])
         result = self.deq.solve(x, z0, f=lambda z, x: self._f(z, x, weights))
         method = self.deq.choose_linear_solver(result)
@@ -350,7 +356,8 @@ class _DEQCall(engine.Call):
 
         def residual(Z: torch.Tensor, aux: tuple, params, batched) -> torch.Tensor:
             z = Z.reshape(Z.shape[0], *shape)
-            return (z - self._f(z, params[0], list(params[2:]))).reshape(Z.shape[0], -1)
+            x, _, weights = self._split(params)
+            return (z - self._f(z, x, weights)).reshape(Z.shape[0], -1)
 
         return residual
 

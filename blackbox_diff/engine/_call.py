@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from blackbox_diff._errors import BlackBoxDiffError, CertificationError, InputError
+from blackbox_diff.engine._certify import Verdict, effective_tolerance, relative_residual, term_scale
 from blackbox_diff.engine._system import Residual, System
 
 __all__ = ["Answers", "Call"]
@@ -68,6 +69,10 @@ class Call(abc.ABC):
 
     def certificate_fn(self) -> Residual | None:
         """The batched certificate (largest magnitude certifies an answer); None: the residual."""
+        return None
+
+    def scale_fn(self) -> Residual | None:
+        """The batched size of the terms of each certificate component; None: estimated from derivatives."""
         return None
 
     def fail(self, err: BlackBoxDiffError, index: int | None) -> None:
@@ -157,34 +162,42 @@ class Call(abc.ABC):
         tol = self.options.residual_tol
         if tol is None:
             return torch.ones(rows.numel(), dtype=torch.bool)
+        tol = effective_tolerance(tol, Z.dtype)
+        sub = system.rows(rows)
+        Zs, Ps = Z[rows].detach(), [p.detach() for p in sub.params_rows(params, rows)]
         cert = self.certificate_fn()
+        fn = cert or system.residual
+
+        def certificate(Zv: torch.Tensor, Pv: list[torch.Tensor]) -> torch.Tensor:
+            return fn(Zv, sub.aux, Pv, sub.batched)
+
         with torch.no_grad():
-            if cert is not None:
-                sub = system.rows(rows)
-                C = cert(Z[rows], sub.aux, sub.params_rows(params, rows), sub.batched)
-            else:
-                C = R
-            err = C.abs().amax(dim=1) if C.shape[1] else C.new_zeros(C.shape[0])
-            Zs = Z[rows]
-            scale = 1.0 + (Zs.abs().amax(dim=1) if Zs.shape[1] else Zs.new_zeros(Zs.shape[0]))
-            bad = ~(err <= tol * scale)
+            C = R if cert is None else certificate(Zs, Ps)
+        scale_fn = self.scale_fn()
+        if scale_fn is not None:
+            scale = scale_fn(Zs, sub.aux, Ps, sub.batched)
+        else:
+            scale = term_scale(certificate, Zs, Ps) if system.functional else None
+        if scale is None:  # no derivatives to size the terms with: the unknowns' size, as a last resort
+            scale = (1.0 + Zs.abs().amax(dim=1, keepdim=True)).expand_as(C) if Zs.shape[1] else torch.ones_like(C)
+        rel = relative_residual(C, scale.to(C.dtype), tol)
         passed = []
-        for b, e, s, r in zip(bad.tolist(), err.tolist(), (scale * tol).tolist(), rows.tolist(), strict=True):
-            if not b:
+        for k, r in enumerate(rows.tolist()):
+            verdict = Verdict(rel[k], C[k], tol)
+            if verdict.passed:
                 passed.append(True)
                 continue
             index = self.index_of(r)
             where = "" if index is None else f" at batch index {index}"
-            msg = (
-                f"The black box's answer{where} does not satisfy the {self.describe} condition: max|F| = {e:.3g} > "
-                f"residual_tol*(1+max|z|) = {s:.3g}. Solve more accurately, check that the condition matches the "
-                "solver, or loosen residual_tol (None disables the check)."
-            )
+            corrected = _newton_corrected(system.rows(rows[k : k + 1]), Zs[k : k + 1],
+                                          sub.params_rows(Ps, torch.tensor([k])) if any(sub.batched) else Ps)
+            msg = (f"The black box's answer{where} does not satisfy the {self.describe} condition: "
+                   f"{verdict.describe(Zs[k], corrected)}.")
             if getattr(self.options, "certify", "raise") == "warn":
                 warnings.warn(msg + " Gradients may be wrong.", RuntimeWarning, stacklevel=6)
                 passed.append(True)
                 continue
-            self.fail(CertificationError(msg, batch_index=index, residual=e, tolerance=s), index)
+            self.fail(CertificationError(msg, batch_index=index, residual=verdict.worst, tolerance=tol), index)
             passed.append(False)
         return torch.tensor(passed, dtype=torch.bool)
 
@@ -200,3 +213,20 @@ class Call(abc.ABC):
         return u0 if same else None
 
 
+
+
+def _newton_corrected(system: System, Z: torch.Tensor, params: list[torch.Tensor]) -> torch.Tensor | None:
+    """z - J^{-1} F(z) for one instance (dense; small systems only): the answer the black box would give
+    if it were exact, to tell a rounded answer from a wrong one. None when it cannot be had cheaply."""
+    n = Z.shape[1]
+    if n == 0 or n > 200 or not system.functional:
+        return None
+    try:
+        with torch.enable_grad():
+            Zl = Z.detach().requires_grad_(True)
+            R = system(Zl, [p.detach() for p in params])
+            J = torch.stack([torch.autograd.grad(R[0, i], Zl, retain_graph=True)[0][0] for i in range(n)])
+        step = torch.linalg.solve(J, R.detach()[0])
+    except Exception:  # noqa: BLE001 - only a diagnosis: no correction, no claim about rounding
+        return None
+    return (Z[0] - step).detach()

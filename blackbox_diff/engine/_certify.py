@@ -1,0 +1,136 @@
+"""Certification of a black box's answer: does F(z*, params) = 0 hold, relative to the size of F's terms?
+
+A residual component is small or large only relative to the terms it is made of: F_i(z, p) = sum of
+terms whose sizes |dF_i/dz_j z_j| and |dF_i/dp_k p_k| say what a rounding-level error looks like. Scaling
+the residual (a change of units of F), making one unknown large (a multiplier of 2e4 beside x ~ 1), or
+changing the units of z leaves the test unchanged; a global ``1 + max|z|`` would not.
+
+The term sizes are estimated with a few Rademacher probes, ``sqrt(mean_r ((J (z o r) + K (p o s))_i^2))``
+= ``||(J_ij z_j)_j, (K_ik p_k)_k||_2`` in expectation, by double VJPs; a condition may give exact ones
+(`AbstractCondition.residual_scale`). A floor of
+sqrt(tol) times the instance's largest term judges components whose terms all vanish (a root at 0, data
+that are 0 there) at an absolute level set by the rest of the instance: accurate answers with entries at
+round-off around 0 pass, and a large unknown elsewhere loosens the others by sqrt(tol) only (x2 off by
+10% beside an unknown of 1e6 is refused; a global ``1 + max|z|`` accepted it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+__all__ = ["Verdict", "effective_tolerance", "relative_residual", "significant_digits", "term_scale"]
+
+_PROBES = 4
+
+
+def effective_tolerance(tol: float, dtype: torch.dtype) -> float:
+    """The relative tolerance actually used: never below 100 eps of the answer's dtype (float32 answers
+    exact to float32 pass with the float64 default)."""
+    return max(float(tol), 100.0 * torch.finfo(dtype).eps)
+
+
+def term_scale(fn: Callable[[torch.Tensor, list[torch.Tensor]], torch.Tensor], Z: torch.Tensor,
+               params: Sequence[torch.Tensor]) -> torch.Tensor | None:
+    """Estimated size of the terms of each component of fn(Z, params) (k, m); None where it cannot be
+    estimated (a condition torch differentiates only once and without forward mode)."""
+    params = [p for p in params]
+    gen = torch.Generator(device="cpu").manual_seed(0)
+
+    def signs(t: torch.Tensor) -> torch.Tensor:
+        r = torch.randint(0, 2, (_PROBES, *t.shape), generator=gen).to(dtype=t.dtype, device=t.device)
+        return (2 * r - 1) * t
+
+    dz = signs(Z)
+    dps = [signs(p) if p.is_floating_point() else torch.zeros((_PROBES, *p.shape)) for p in params]
+    with torch.no_grad():
+        D = _directional(fn, Z, params, dz, dps)
+    if D is None:
+        return None
+    return D.pow(2).mean(dim=0).sqrt()
+
+
+def _directional(fn, Z, params, dz, dps) -> torch.Tensor | None:
+    """(probes, k, m): fn's directional derivatives along each probe, by reverse mode twice (the pairing
+    <c, J v> is linear in c: its gradient in c is J v). Not forward mode: torch's forward-AD levels are
+    process-global, and a layer called from several threads at once would corrupt each other's tangents."""
+    try:
+        with torch.enable_grad():
+            Zl = Z.detach().requires_grad_(True)
+            Pl = [p.detach().requires_grad_(p.is_floating_point()) for p in params]
+            R = fn(Zl, Pl)
+            if not R.requires_grad:
+                return torch.zeros((dz.shape[0], *R.shape), dtype=R.dtype, device=R.device)
+            c = torch.zeros_like(R, requires_grad=True)
+            leaves = [Zl] + [p for p in Pl if p.requires_grad]
+            grads = torch.autograd.grad(R, leaves, c, create_graph=True, allow_unused=True)
+            if any(g is not None and not g.requires_grad for g in grads):
+                return None  # torch differentiates this condition once only: no second pass to size terms
+            out = []
+            for i in range(dz.shape[0]):
+                dirs = [dz[i]] + [d[i] for d, p in zip(dps, Pl, strict=True) if p.requires_grad]
+                pairing = sum((g * d).sum() for g, d in zip(grads, dirs, strict=True) if g is not None)
+                if not torch.is_tensor(pairing) or not pairing.requires_grad:
+                    out.append(torch.zeros_like(R))
+                    continue
+                (D,) = torch.autograd.grad(pairing, c, retain_graph=True, allow_unused=True)
+                out.append(torch.zeros_like(R) if D is None else D.detach())
+        return torch.stack(out)
+    except Exception:  # noqa: BLE001 - only once differentiable: no generic estimate
+        return None
+
+
+def relative_residual(C: torch.Tensor, scale: torch.Tensor, tol: float) -> torch.Tensor:
+    """|C_i| / (scale_i + floor), floor = sqrt(tol) x the instance's largest term (k, m)."""
+    top = scale.amax(dim=1, keepdim=True) if scale.shape[1] else scale.new_zeros(scale.shape[0], 1)
+    floor = tol**0.5 * top + torch.finfo(C.dtype).tiny
+    return C.abs() / (scale + floor)
+
+
+def significant_digits(z: torch.Tensor, limit: int = 17) -> int:
+    """The fewest significant decimal digits that represent every entry of z exactly (17: not rounded)."""
+    values = [float(v) for v in z.detach().reshape(-1).tolist() if v == v and abs(v) != float("inf")]
+    for d in range(1, limit):
+        if all(float(f"{v:.{d}g}") == v for v in values):
+            return d
+    return limit
+
+
+class Verdict:
+    """One instance's certification: the worst relative residual and the components over tolerance."""
+
+    def __init__(self, rel: torch.Tensor, C: torch.Tensor, tol: float) -> None:
+        self.rel, self.C, self.tol = rel, C, tol
+        self.worst = float(rel.max()) if rel.numel() else 0.0
+        self.bad = torch.nonzero(~(rel <= tol)).flatten().tolist()
+
+    @property
+    def passed(self) -> bool:
+        return not self.bad
+
+    def describe(self, z: torch.Tensor, corrected: torch.Tensor | None = None) -> str:
+        """The message: which components, by how much, and whether rounding explains it.
+
+        Args:
+            z: the answer.
+            corrected: the answer after one Newton correction (None: not available). The answer counts as
+                rounded when it has few significant digits and the corrected one, rounded to as many, is it.
+        """
+        parts = ", ".join(f"{i} ({float(self.C[i]):.3g}, relative {float(self.rel[i]):.3g})" for i in self.bad[:6])
+        more = f" and {len(self.bad) - 6} more" if len(self.bad) > 6 else ""
+        text = (f"components {parts}{more} exceed residual_tol = {self.tol:.3g} relative to the size of their "
+                "terms")
+        digits = significant_digits(z)
+        rounded = (corrected is not None and digits <= 12 and all(i < z.numel() for i in self.bad)
+                   and not torch.equal(corrected.reshape(-1), z.reshape(-1)) and all(
+            float(f"{float(c):.{digits}g}") == float(v)
+            for c, v in zip(corrected.reshape(-1).tolist(), z.reshape(-1).tolist(), strict=True)))
+        if rounded:
+            text += (f". The answer has at most {digits} significant digits and its residual is what rounding to "
+                     f"that many digits gives: the answer was rounded (e.g. printed with %g); write it with "
+                     "all digits (%.17g), or loosen residual_tol")
+        else:
+            text += ". This is not a solution of the condition to that accuracy: solve more accurately, check that " \
+                    "the condition matches the solver, or loosen residual_tol (None disables the check)"
+        return text
