@@ -68,6 +68,13 @@ class AbstractCondition(abc.ABC):
         """Map the batched unknowns z (B, *shape) back to what the user receives."""
         return z
 
+    def degeneracy(self, z: torch.Tensor, aux: tuple, params: tuple, options: Any) -> Any:
+        """A `blackbox_diff.engine.Degeneracy` when one prepared answer (z, aux) sits at a degenerate point
+        (dependent active constraints, a weakly active one), listing the admissible one-sided statements of
+        the condition; None (the default) for a regular point. The engine compares the derivatives of the
+        outputs under every variant (see the `degenerate` option)."""
+        return None
+
     def describe(self) -> str:
         return type(self).__name__
 
@@ -217,38 +224,49 @@ class KKT(AbstractCondition):
         return z[:n].reshape(shape), z[n : n + p], z[n + p : n + p + m]
 
     # --- residual ------------------------------------------------------------------------------
-    def lagrangian(self, x, nu, lam, active, *params):
+    def lagrangian(self, x, nu, lam, active, kept, *params):
         value = self.f(x, *params).reshape(())
         if nu.numel():
-            value = value + (nu * self.h(x, *params)).sum()
+            value = value + (kept * nu * self.h(x, *params)).sum()
         if lam.numel():
             value = value + (active * lam * self.g(x, *params)).sum()
         return value
 
-    def residual(self, z: torch.Tensor, active: torch.Tensor, *params: Any) -> torch.Tensor:
+    def residual(self, z: torch.Tensor, active: torch.Tensor, kept: torch.Tensor, *params: Any) -> torch.Tensor:
+        """KKT on the active set: `active` marks the inequalities held with equality, `kept` the equalities
+        stated (1 except for redundant ones dropped at a degenerate point, whose multipliers are pinned)."""
         x, nu, lam = self.split(z)
-        stationarity = torch.func.grad(self.lagrangian)(x, nu, lam, active, *params).reshape(-1)
+        stationarity = torch.func.grad(self.lagrangian)(x, nu, lam, active, kept, *params).reshape(-1)
         parts = [stationarity]
         if nu.numel():
-            parts.append(self.h(x, *params))
+            parts.append(kept * self.h(x, *params) + (1 - kept) * nu)
         if lam.numel():
             parts.append(active * self.g(x, *params) + (1 - active) * lam)
         return torch.cat(parts)
 
-    def certificate(self, z: torch.Tensor, active: torch.Tensor, *params: Any) -> torch.Tensor:
-        """Residual plus primal feasibility of inactive constraints and dual feasibility of active ones."""
-        r = self.residual(z, active, *params)
-        x, _, lam = self.split(z)
-        if not lam.numel():
-            return r
-        g = self.g(x, *params)
-        return torch.cat([r, (1 - active) * torch.relu(g), active * torch.relu(-lam)])
+    def certificate(self, z: torch.Tensor, active: torch.Tensor, kept: torch.Tensor, *params: Any) -> torch.Tensor:
+        """Residual plus feasibility of dropped equalities and inactive inequalities, and dual feasibility of
+        active ones."""
+        r = self.residual(z, active, kept, *params)
+        x, nu, lam = self.split(z)
+        parts = [r]
+        if nu.numel():
+            parts.append((1 - kept) * self.h(x, *params))
+        if lam.numel():
+            g = self.g(x, *params)
+            parts += [(1 - active) * torch.relu(g), active * torch.relu(-lam)]
+        return torch.cat(parts)
 
     # --- black-box answer -> unknowns ----------------------------------------------------------
     def prepare(self, solution: Any, params: tuple[Any, ...], options: Any) -> tuple[torch.Tensor, tuple]:
         from blackbox_diff._active_set import kkt_unknowns
 
         return kkt_unknowns(self, solution, params, options)
+
+    def degeneracy(self, z: torch.Tensor, aux: tuple, params: tuple, options: Any) -> Any:
+        from blackbox_diff._active_set import kkt_degeneracy
+
+        return kkt_degeneracy(self, z, aux, params, options)
 
     def finish(self, z: torch.Tensor, aux: tuple, options: Any) -> Any:
         shape, p, m = self._sizes  # type: ignore[misc]

@@ -13,6 +13,7 @@ __all__ = [
     "BackendUnavailableError",
     "BlackBoxDiffError",
     "CertificationError",
+    "DegenerateError",
     "InputError",
     "LinearSolveError",
     "PluginError",
@@ -96,3 +97,21 @@ class BackendUnavailableError(BlackBoxDiffError, ImportError):
 
 class PluginError(BlackBoxDiffError):
     """A plugin failed to load, registered something invalid, or no backend accepts a problem."""
+
+
+class DegenerateError(BlackBoxDiffError):
+    """The answer is a degenerate point where the derivative asked for does not exist (one-sided
+    derivatives differ), and the `degenerate="raise"` policy refuses such points.
+
+    Attributes:
+        batch_index: index of the instance (None when unbatched).
+        constraints: the constraint indices concerned.
+        outputs: the flat output indices whose derivative does not exist.
+    """
+
+    def __init__(self, message: str, *, batch_index: int | None = None, constraints: list[int] | None = None,
+                 outputs: list[int] | None = None) -> None:
+        super().__init__(message)
+        self.batch_index = batch_index
+        self.constraints = constraints or []
+        self.outputs = outputs or []

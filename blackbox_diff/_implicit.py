@@ -231,6 +231,9 @@ class _BlackBoxCall(engine.Call):
                 "operations only)."
             ) from err
         z = z.to(dtype=self.dtype, device=self.device)
+        degeneracy = condition.degeneracy(z, a, tuple(p), self.options)
+        if degeneracy is not None:
+            self.degeneracies[0 if idx is None else idx] = degeneracy
         if not bool(torch.isfinite(z).all()):
             raise SolverError(
                 f"The black box returned NaN or Inf{where}: {z.flatten()[:6].tolist()}... Expected a finite "

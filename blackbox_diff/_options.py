@@ -83,6 +83,14 @@ class ImplicitOptions(BaseModel):
         description="Path of a file to which each failing black-box call (its parameters, error and the "
         "solver's import path) is appended, for `blackbox-diff replay PATH`.",
     )
+    degenerate: Literal["warn", "raise", "ignore"] = Field(
+        "warn",
+        description="At a degenerate point (dependent active constraints, a kink, a weakly active constraint) "
+        "the derivative of each output is computed under every admissible active set: where they agree it is "
+        "returned exactly; where they differ it does not exist, and 'warn' warns (naming the constraints and "
+        "outputs) and returns a one-sided derivative, 'raise' fails the instance (DegenerateError; on_failure "
+        "applies), 'ignore' returns the one-sided derivative silently.",
+    )
     active_tol: float = Field(
         1e-7,
         gt=0.0,

@@ -169,7 +169,7 @@ def test_bound_within_tolerance_of_an_inactive_optimum_gets_the_unbounded_deriva
     np.testing.assert_allclose(J, np.linalg.inv(Q), atol=1e-12)
     # the same problem as a KKT: the same warning family
     kkt = bbd.KKT(lambda x, th: 0.5 * x @ torch.tensor(Q) @ x - th @ x, ineq=lambda x, th: -x)
-    with pytest.warns(RuntimeWarning, match=re.escape("KKT: inequality constraints [0] are weakly active")):
+    with pytest.warns(RuntimeWarning, match=re.escape("inequality constraints [0] are weakly active")):
         bbd.layer(kkt, backend="scipy", x0=np.ones(3))(theta)
 
 

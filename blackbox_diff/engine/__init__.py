@@ -7,6 +7,7 @@ go through it.
 """
 
 from blackbox_diff.engine._call import Answers, Call
+from blackbox_diff.engine._degeneracy import Degeneracy
 from blackbox_diff.engine._functions import apply
 from blackbox_diff.engine._lift import Lifted, lift
 from blackbox_diff.engine._policy import choose_solver, solve_linear
@@ -15,6 +16,7 @@ from blackbox_diff.engine._system import Linearization, System, first_order_only
 __all__ = [
     "Answers",
     "Call",
+    "Degeneracy",
     "Lifted",
     "Linearization",
     "System",

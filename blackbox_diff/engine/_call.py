@@ -17,8 +17,9 @@ from typing import Any
 
 import torch
 
-from blackbox_diff._errors import BlackBoxDiffError, CertificationError, InputError
+from blackbox_diff._errors import BlackBoxDiffError, CertificationError, DegenerateError, InputError
 from blackbox_diff.engine._certify import Verdict, effective_tolerance, relative_residual, term_scale
+from blackbox_diff.engine._degeneracy import Degeneracy, compare_variants, output_jacobian
 from blackbox_diff.engine._system import Residual, System
 
 __all__ = ["Answers", "Call"]
@@ -56,6 +57,8 @@ class Call(abc.ABC):
         self.want_graph = False
         self.point: tuple[torch.Tensor, list[torch.Tensor]] | None = None
         self.vmapped = False
+        # row -> Degeneracy, filled by `answers` for instances at degenerate points
+        self.degeneracies: dict[int, Degeneracy] = {}
         self._adjoint: tuple[torch.Tensor, torch.Tensor] | None = None
 
     # --- what subclasses provide ----------------------------------------------------------------
@@ -121,10 +124,59 @@ class Call(abc.ABC):
                               [p.detach() for p in (params if full else system.params_rows(params, idx))])
                 break
             ok[torch.nonzero(ok).flatten()[~passed]] = False
+        if self.degeneracies:
+            Z = self._resolve_degeneracies(system, Z, params, ok)
         self.ok = ok
         if not bool(ok.all()):
             Z = Z.clone()
             Z[~ok] = float("nan")
+        return Z
+
+    def _resolve_degeneracies(self, system: System, Z: torch.Tensor, params, ok: torch.Tensor) -> torch.Tensor:
+        """Compare the outputs' derivatives under every admissible statement of a degenerate instance; use a
+        regular one where the answer's own is singular; warn or raise where the derivative does not exist."""
+        policy = getattr(self.options, "degenerate", "warn")
+        for row, deg in sorted(self.degeneracies.items()):
+            if not bool(ok[row]) or not deg.variants:
+                continue
+            idx = torch.tensor([row], device=Z.device)
+            P = [p.detach() for p in system.params_rows(params, idx)]
+            jacs, labels = [], []
+            if deg.main_regular:
+                jac = output_jacobian(system.rows(idx), Z[idx], P, deg.outputs)
+                if jac is not None:
+                    jacs.append(jac)
+                    labels.append("the answer's active set")
+            for k, (zv, auxv) in enumerate(deg.variants):
+                variant = system.with_aux(tuple(a.unsqueeze(0) for a in auxv), system.batched)
+                jac = output_jacobian(variant, zv.unsqueeze(0), P, deg.outputs)
+                if jac is not None:
+                    jacs.append(jac)
+                    labels.append(deg.labels[k] if k < len(deg.labels) else f"variant {k}")
+            if not deg.main_regular:  # the answer's statement is singular: state it with the first variant
+                zv, auxv = deg.variants[0]
+                Z = Z.clone()
+                Z[row] = zv.to(Z.dtype)
+                for dst, src in zip(system.aux, auxv, strict=True):
+                    dst[row] = src
+            differ = compare_variants(jacs) if len(jacs) > 1 else []
+            if not differ or policy == "ignore":
+                continue
+            index = self.index_of(row)
+            where = "" if index is None else f" at batch index {index}"
+            agree = [i for i in range(deg.outputs) if i not in differ]
+            msg = (
+                f"Degenerate point{where}: {deg.kind}. The derivative of outputs {differ} does not exist there: "
+                f"the one-sided derivatives of {', '.join(labels)} differ; the gradient returned is that of "
+                f"{labels[0]}."
+                + (f" Outputs {agree} have a derivative, and it is returned exactly." if agree else "")
+                + " degenerate='raise' refuses such points, degenerate='ignore' silences this."
+            )
+            if policy == "raise":
+                self.fail(DegenerateError(msg, batch_index=index, constraints=deg.constraints, outputs=differ), index)
+                ok[row] = False
+            else:
+                warnings.warn(msg, RuntimeWarning, stacklevel=6)
         return Z
 
     def _evaluate(self, system: System, Z, params, ok) -> torch.Tensor:

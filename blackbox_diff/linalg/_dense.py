@@ -25,11 +25,13 @@ def dense_solve(
 ) -> LinearSolution:
     """Solve ``A_i x_i = b_i`` for a batch of square matrices by LU with partial pivoting.
 
-    Never raises for a numerically singular instance: an exact zero pivot (``torch.linalg.solve_ex``
-    info), a non-finite entry in ``A_i``, ``b_i`` or ``x_i``, or a residual above the tolerance (LU is
-    backward stable, so a large residual means ``A_i`` is singular to working precision) marks the
-    instance as failed: ``x_i = 0``, ``breakdown = True``. ``converged`` is then evaluated on that zero
-    (true only when ``b_i`` itself is within tolerance, e.g. ``b_i = 0``).
+    Never raises for a numerically singular instance: an exact zero pivot, a pivot below n eps times the
+    largest one (singular to working precision: the solution of a consistent singular system is arbitrary
+    even though its residual is small), a non-finite entry in ``A_i``, ``b_i`` or ``x_i``, or a residual
+    above the tolerance marks the instance as failed: ``x_i = 0``, ``breakdown = True``. ``converged`` is
+    then evaluated on that zero (true only when ``b_i`` itself is within tolerance, e.g. ``b_i = 0``). The
+    pivot test runs on the row- and column-equilibrated matrix, so it is blind to the units of rows and
+    unknowns.
 
     Args:
         A: matrices, shape ``(B, n, n)``.
@@ -48,12 +50,26 @@ def dense_solve(
     A, b = _check_matrix_system(A, b, square=True)
     rtol, atol = _dense_tolerances(rtol, atol, b.dtype)
     bad_input, A_safe, b_safe = _sanitize(A, b)
-    X, info = torch.linalg.solve_ex(A_safe, b_safe.unsqueeze(-1))
-    x = X.squeeze(-1)
+    if A.shape[-1] == 0:
+        return _package("dense", A, b, torch.zeros_like(b), ~bad_input, bad_input,
+                        torch.clamp(rtol * bnorm(b), min=atol))
+    # Equilibrated (rows, then columns, scaled to unit max) so that the pivot test below is blind to units:
+    # (R A C) y = R b, x = C y.
+    R = 1.0 / A_safe.abs().amax(dim=-1).clamp_min(torch.finfo(A.dtype).tiny)
+    RA = A_safe * R[..., :, None]
+    C = 1.0 / RA.abs().amax(dim=-2).clamp_min(torch.finfo(A.dtype).tiny)
+    LU, pivots, info = torch.linalg.lu_factor_ex(RA * C[..., None, :])
+    # A pivot below n eps of the largest is a numerically singular matrix: its solution is arbitrary along
+    # the near null space even when the residual test passes (a consistent singular system), so it fails.
+    diag = LU.diagonal(dim1=-2, dim2=-1).abs()
+    n = A.shape[-1]
+    top = diag.amax(dim=-1) if n else diag.new_zeros(diag.shape[:-1])
+    tiny_pivot = (diag.amin(dim=-1) <= n * torch.finfo(A.dtype).eps * top) if n else torch.zeros_like(info, dtype=bool)
+    x = C * torch.linalg.lu_solve(LU, pivots, (R * b_safe).unsqueeze(-1)).squeeze(-1)
     residual = b_safe - (A_safe @ x.unsqueeze(-1)).squeeze(-1)
     tol = torch.clamp(rtol * bnorm(b), min=atol)
     finite = torch.isfinite(x).all(dim=-1) & torch.isfinite(bnorm(residual))
-    ok = ~bad_input & (info == 0) & finite & (bnorm(residual) <= tol)
+    ok = ~bad_input & (info == 0) & ~tiny_pivot & finite & (bnorm(residual) <= tol)
     return _package("dense", A, b, x, ok, ~ok, tol)
 
 
