@@ -4,7 +4,7 @@ A black-box solver maps parameters to a solution z*; an optimality condition F(z
 z*; the implicit function theorem turns dL/dz* into dL/dparams with one adjoint linear solve.
 """
 
-from blackbox_diff import deq, linalg, ode
+from blackbox_diff import deq, kkt, linalg, ode
 from blackbox_diff._backend import AbstractBackend, Compiled
 from blackbox_diff._checks import GradientReport, check_gradients, saved_tensor_bytes
 from blackbox_diff._conditions import KKT, AbstractCondition, Argmin, FixedPoint, KKTSolution, Root
@@ -59,6 +59,7 @@ __all__ = [
     "fixed_point_layer",
     "hookimpl",
     "implicit",
+    "kkt",
     "layer",
     "linalg",
     "ode",

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from blackbox_diff import AbstractCondition
-from blackbox_diff._active_set import classify
+from blackbox_diff.kkt import classify
 from blackbox_diff_casadi._kkt import KKTKernels
 
 __all__ = ["CasadiKKT", "CasadiSolution"]

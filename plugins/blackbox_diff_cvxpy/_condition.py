@@ -272,7 +272,7 @@ class ConeCondition(AbstractCondition):
 
     # --- answer -> unknowns -> outputs ------------------------------------------------------------
     def prepare(self, solution: Any, params: tuple, options: Any) -> tuple[torch.Tensor, tuple]:
-        from blackbox_diff._active_set import classify
+        from blackbox_diff.kkt import classify
 
         answer, extra = (solution, ()) if not isinstance(solution, tuple) else (solution[0], solution[1:])
         like = next((p for p in params if torch.is_tensor(p) and p.is_floating_point()), None)

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from blackbox_diff import AbstractCondition, Argmin
-from blackbox_diff._active_set import classify, warn_weakly_active
+from blackbox_diff.kkt import classify, warn_weakly_active
 
 __all__ = ["BoxArgmin"]
 
