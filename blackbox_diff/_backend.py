@@ -31,6 +31,8 @@ class Compiled:
             variable tensors the layer returns. None: the result is returned as a 1-tuple.
         options: defaults for `bbd.implicit` options (e.g. the linear solver); the user's options win.
         backend: the backend's name, used in error messages.
+        unknowns_shape: the shape of one instance's unknowns (what the condition's `prepare` returns), when the
+            backend knows it: with on_failure='nan', a call where every instance fails is shaped by it.
         on_call: optional per-call hook, ``on_call(params, call_options) -> Compiled | None``. The layer
             calls it on every call with the parameter tensors (before any solve) and the call's keyword
             arguments (``layer(*params, **call_options)``, e.g. cvxpylayers' ``solver_args={...}``). It
@@ -48,6 +50,7 @@ class Compiled:
     options: dict[str, Any] = dataclasses.field(default_factory=dict)
     backend: str = ""
     on_call: Callable[[tuple[Any, ...], dict[str, Any]], Compiled | None] | None = None
+    unknowns_shape: tuple[int, ...] | None = None
 
 
 class AbstractBackend(abc.ABC):

@@ -135,6 +135,8 @@ class Argmin(AbstractCondition):
     """
 
     structure = "spd"
+    # The answer should be a minimiser: the engine warns when the Hessian there has negative curvature.
+    minimises = True
 
     def __init__(self, f: Callable[..., torch.Tensor]) -> None:
         _check_callable(f, "f", "Argmin")

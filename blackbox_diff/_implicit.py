@@ -68,14 +68,18 @@ def implicit(condition: AbstractCondition, **options: Any) -> Callable[[Callable
 class ImplicitFunction:
     """A black-box solver made differentiable (returned by `bbd.implicit`)."""
 
-    def __init__(self, condition: AbstractCondition, solve: Callable, options: ImplicitOptions) -> None:
+    def __init__(self, condition: AbstractCondition, solve: Callable, options: ImplicitOptions,
+                 unknowns_shape: tuple[int, ...] | None = None) -> None:
         self.condition, self.solve, self.options = condition, solve, options
+        # The shape of one instance's unknowns when known in advance (a layer's backend knows it); else the
+        # last successful call's. With on_failure='nan', a call where every instance fails is shaped by it.
+        self.unknowns_shape = unknowns_shape
         functools.update_wrapper(self, solve, updated=())
 
     def with_options(self, **options: Any) -> ImplicitFunction:
         """A copy with some options replaced."""
         merged = {**self.options.model_dump(exclude_unset=True), **options}
-        return ImplicitFunction(self.condition, self.solve, parse_options(merged))
+        return ImplicitFunction(self.condition, self.solve, parse_options(merged), self.unknowns_shape)
 
     @torch.compiler.disable
     def __call__(self, *params: Any) -> Any:
@@ -87,6 +91,8 @@ class ImplicitFunction:
         # Per-call state (KKT sizes) lives on a copy and never touches the user's condition.
         call = _BlackBoxCall(self, copy.copy(self.condition), tuple(batched), dtype, device)
         Z, aux = engine.apply(call, moved)
+        if call.ok is not None and (call.vmapped or bool(call.ok.any())) and self.unknowns_shape is None:
+            self.unknowns_shape = tuple(call.shape)
         out = Z.reshape(Z.shape[0], *call.shape)
         result = call.condition.finish(out, aux, opts)
         return _unbatch(result) if B is None else result
@@ -132,6 +138,7 @@ class _BlackBoxCall(engine.Call):
         self.function, self.condition = function, condition
         self.structure = condition.structure
         self.functional = bool(getattr(condition, "functional", True))
+        self.check_curvature = bool(getattr(condition, "minimises", False))
         self.dtype, self.device = dtype, device
         self.shape: torch.Size | None = None
         self._residual: _Residual | None = None
@@ -247,13 +254,16 @@ class _BlackBoxCall(engine.Call):
         shapes = [tuple(item[0].shape) for item in prepared if item is not None]
         if declared is not None:
             target = tuple(declared)
+        elif not shapes and self.function.unknowns_shape is not None:
+            target = tuple(self.function.unknowns_shape)  # every instance failed: shape the NaN output
         elif shapes:
             counts = collections.Counter(shapes)
             target = max(counts, key=lambda s: (counts[s], -shapes.index(s)))
         else:
             raise SolverError(
-                "Every instance of the call failed and the black box declares no output shape, so no NaN "
-                "output can be shaped. See the warnings (or use on_failure='raise') for each instance's error."
+                "Every instance of the call failed, before any call of this function succeeded, and the black "
+                "box declares no output shape (an `output_shape` attribute), so no NaN output can be shaped. "
+                "See the warnings (or use on_failure='raise') for each instance's error."
             )
         for k, (item, idx) in enumerate(zip(prepared, indices, strict=True)):
             if item is None or tuple(item[0].shape) == target:

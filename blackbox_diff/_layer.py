@@ -133,7 +133,7 @@ class Layer(torch.nn.Module):
         self.options = options
         self._names = names
         self._explicit_dims = explicit_dims
-        self._function = ImplicitFunction(compiled.condition, compiled.solve, options)
+        self._function = ImplicitFunction(compiled.condition, compiled.solve, options, compiled.unknowns_shape)
         self._per_call: tuple[Compiled, ImplicitFunction] | None = None
 
     def extra_repr(self) -> str:
@@ -207,7 +207,8 @@ class Layer(torch.nn.Module):
                 "a bbd.Compiled or None. This is a bug in the backend's plugin."
             )
         if self._per_call is None or self._per_call[0] is not chosen:
-            self._per_call = (chosen, ImplicitFunction(chosen.condition, chosen.solve, self.options))
+            self._per_call = (chosen, ImplicitFunction(chosen.condition, chosen.solve, self.options,
+                                                       chosen.unknowns_shape))
         return self._per_call
 
     def _layout(self, tensors: list[torch.Tensor]) -> tuple[Any, int | None]:

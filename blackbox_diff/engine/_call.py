@@ -19,8 +19,9 @@ import torch
 
 from blackbox_diff._errors import BlackBoxDiffError, CertificationError, DegenerateError, InputError
 from blackbox_diff.engine._certify import Verdict, effective_tolerance, relative_residual, term_scale
+from blackbox_diff.engine._curvature import smallest_curvature
 from blackbox_diff.engine._degeneracy import Degeneracy, compare_variants, output_jacobian
-from blackbox_diff.engine._system import Residual, System
+from blackbox_diff.engine._system import Linearization, Residual, System
 
 __all__ = ["Answers", "Call"]
 
@@ -48,6 +49,8 @@ class Call(abc.ABC):
     independent: bool = True
     foldable: bool = True
     coupling_hint: str = ""
+    # Argmin: warn when the answer has negative curvature (a saddle or a maximum, not a minimiser).
+    check_curvature: bool = False
 
     def __init__(self, options: Any, batched: tuple[bool, ...], describe: str) -> None:
         self.options, self.batched, self.describe = options, tuple(batched), describe
@@ -126,11 +129,37 @@ class Call(abc.ABC):
             ok[torch.nonzero(ok).flatten()[~passed]] = False
         if self.degeneracies:
             Z = self._resolve_degeneracies(system, Z, params, ok)
+        if self.check_curvature and bool(ok.any()):
+            self._warn_if_not_a_minimum(system, Z, params, ok)
         self.ok = ok
         if not bool(ok.all()):
             Z = Z.clone()
             Z[~ok] = float("nan")
         return Z
+
+    def _warn_if_not_a_minimum(self, system: System, Z: torch.Tensor, params, ok: torch.Tensor) -> None:
+        """Warn for instances whose Hessian has negative curvature: a saddle or a maximum, not a minimiser."""
+        rows = torch.nonzero(ok).flatten()
+        sub = system.rows(rows)
+        lin = Linearization(sub, Z[rows].detach(), [p.detach() for p in sub.params_rows(params, rows)])
+        try:
+            low, high = smallest_curvature(lin)
+        except Exception:  # noqa: BLE001 - a diagnosis only: a condition torch cannot differentiate here
+            return
+        tol = 1e-8 * high.abs().clamp_min(torch.finfo(Z.dtype).tiny)
+        for k, bad in enumerate((low < -tol).tolist()):
+            if not bad:
+                continue
+            index = self.index_of(int(rows[k]))
+            where = "" if index is None else f" at batch index {index}"
+            warnings.warn(
+                f"The black box's answer{where} is not a minimum of the {self.describe} objective: its Hessian has "
+                f"a negative eigenvalue ({float(low[k]):.3g}; the largest is {float(high[k]):.3g}), so it is a "
+                "saddle point or a maximum. The gradient describes how this stationary point moves; if a minimiser "
+                "was meant, restart the solver elsewhere or use a global method.",
+                RuntimeWarning,
+                stacklevel=6,
+            )
 
     def _resolve_degeneracies(self, system: System, Z: torch.Tensor, params, ok: torch.Tensor) -> torch.Tensor:
         """Compare the outputs' derivatives under every admissible statement of a degenerate instance; use a
