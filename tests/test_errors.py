@@ -193,3 +193,16 @@ def test_solver_error_raised_by_the_black_box_gets_its_batch_index():
     with pytest.raises(bbd.SolverError, match=re.escape("my solver: no real root (batch index 1)")) as info:
         fn(torch.tensor([4.0, -1.0]))
     assert info.value.batch_index == 1 and info.value.status == "infeasible"
+
+
+def test_an_answer_of_the_wrong_size_is_the_black_box_s_failure_and_nan_isolates_it():
+    """Two numbers for three unknowns, nothing declared: the condition cannot be evaluated there. A
+    SolverError naming the answer's shape (not an InputError blaming the residual), isolated by 'nan'."""
+    cond = bbd.Root(lambda x, w: x**2 - w)
+    short = bbd.implicit(cond, in_dims=0)(lambda w: np.sqrt(w)[:2])
+    w = torch.tensor([[1.0, 4.0, 9.0], [1.0, 4.0, 9.0]])
+    with pytest.raises(bbd.SolverError, match=re.escape("at batch index 0 (shape (2,)): RuntimeError")):
+        short(w)
+    with pytest.warns(RuntimeWarning, match=re.escape("Either the black box returned the wrong number of values")):
+        out = bbd.implicit(cond, in_dims=0, on_failure="nan")(lambda w: np.sqrt(w)[:2])(w)
+    assert bool(torch.isnan(out).all())

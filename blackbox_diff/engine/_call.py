@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from blackbox_diff._errors import BlackBoxDiffError, CertificationError, DegenerateError, InputError
+from blackbox_diff._errors import BlackBoxDiffError, CertificationError, DegenerateError, InputError, SolverError
 from blackbox_diff.engine._certify import Verdict, effective_tolerance, relative_residual, term_scale
 from blackbox_diff.engine._curvature import smallest_curvature
 from blackbox_diff.engine._degeneracy import Degeneracy, compare_variants, output_jacobian
@@ -119,6 +119,9 @@ class Call(abc.ABC):
             if not bool(ok.any()):
                 break
             R = self._evaluate(system, Z, params, ok)
+            if R is None:
+                ok[:] = False
+                break
             passed = self._certify(system, Z, params, ok, R)
             if bool(passed.all()):
                 idx = torch.nonzero(ok).flatten()
@@ -223,14 +226,36 @@ class Call(abc.ABC):
                 R = sub(Zs, Ps)
         except (BlackBoxDiffError, InputError):
             raise
-        except Exception as err:
+        except TypeError as err:  # called with the wrong arguments: the residual's signature, not the answer
             raise InputError(
                 f"Evaluating the {self.describe} residual at the black box's answer failed: {type(err).__name__}: "
-                f"{err}. Check the residual's signature F(z, *params), that it is written in torch, and that it "
-                "accepts z of the shape the black box returns."
+                f"{err}. Check the residual's signature F(z, *params) (one argument per parameter of the call) and "
+                "that it is written in torch."
             ) from err
+        except Exception as err:  # noqa: BLE001 - any failure of the condition at these answers
+            # The answers all have the agreed shape, so either every one has the wrong size for the condition
+            # or the condition is wrong: say both, blame the answers (on_failure='nan' isolates them).
+            for row in idx.tolist():
+                index = self.index_of(row)
+                where = "" if index is None else f" at batch index {index}"
+                failure = SolverError(
+                    f"The {self.describe} condition could not be evaluated at the black box's answer{where} "
+                    f"({self.answer_shape()}): {type(err).__name__}: {err}. Either the black box returned the wrong "
+                    "number of values (declare output_shape= on an Executable, or variables= on a layer, to have its "
+                    "answer checked first) or the residual is wrong (signature F(z, *params), torch operations, z of "
+                    "the black box's shape).",
+                    batch_index=index,
+                )
+                failure.__cause__ = err
+                self.fail(failure, index)
+            return None
         self.captures = bool(R.requires_grad)
         return R.detach()
+
+    def answer_shape(self) -> str:
+        """How one instance's answer looks, for messages."""
+        shape = getattr(self, "shape", None)
+        return f"shape {tuple(shape)}" if shape is not None else "its unknowns"
 
     def _certify(self, system: System, Z, params, ok, R: torch.Tensor) -> torch.Tensor:
         """Per ok row: does the answer satisfy the condition? Failing rows go through `fail`."""
