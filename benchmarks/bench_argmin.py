@@ -113,7 +113,7 @@ def jvp_times(Qn: np.ndarray, thn: np.ndarray, f, optimality, t: torch.Tensor, e
     return out
 
 
-def bench(n: int, repeat: int) -> dict:
+def bench(n: int, repeat: int, jvp: bool = True) -> dict:
     Qn, thn = make_problem(n)
     Q = torch.tensor(Qn)
 
@@ -144,7 +144,8 @@ def bench(n: int, repeat: int) -> dict:
     err = lambda got: float((got - exact).abs().max() / exact.abs().max())  # noqa: E731
     row = {"n": n, "forward_s": t_forward, "ours_backward_s": t_ours, "ours_err": err(g_ours),
            "ours_root_backward_s": t_root, "ours_root_err": err(g_root)}
-    row.update(jvp_times(Qn, thn, f, optimality, g, exact, repeat))
+    if jvp:
+        row.update(jvp_times(Qn, thn, f, optimality, g, exact, repeat))
     # torchopt 0.7 calls functorch.vjp, which warns on every call under torch 2.x
     warnings.filterwarnings("ignore", category=FutureWarning, module="torchopt")
     try:
@@ -177,9 +178,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--fast", action="store_true", help="n = 100 only, 3 repeats")
     parser.add_argument("--json", help="write the table as JSON to this path")
+    parser.add_argument("--repeat", type=int, default=None, help="timing repeats (default 7; 3 with --fast)")
+    parser.add_argument("--skip-jvp", action="store_true",
+                        help="no forward-mode columns (e.g. to time the backward of a version without forward mode)")
     args = parser.parse_args(argv)
     sizes, repeat = ([100], 3) if args.fast else ([100, 1000], 7)
-    rows = [bench(n, repeat) for n in sizes]
+    repeat = args.repeat or repeat
+    rows = [bench(n, repeat, jvp=not args.skip_jvp) for n in sizes]
     cols = [("n", "n", "{:>6}"), ("forward ms", "forward_s", "ms"), ("Argmin bwd ms", "ours_backward_s", "ms"),
             ("Root(spd) bwd ms", "ours_root_backward_s", "ms"), ("torchopt bwd ms", "torchopt_backward_s", "ms"),
             ("Argmin/torchopt", "ours/torchopt", "{:.2f}"), ("Root/torchopt", "ours_root/torchopt", "{:.2f}"),
