@@ -36,6 +36,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.autograd.forward_ad as fwAD
 
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parents[1] / "plugins")]
 
@@ -174,8 +175,13 @@ def _reference_loss(problem, params, x, values, w) -> float:
     return float(w @ x.value)
 
 
-def gradient_error(layer, call, problem, params, x, values, h: float = 1e-5, seed: int = 2) -> float:
-    """Relative error of the directional derivative against central differences of a tight solve."""
+def gradient_error(layer, call, problem, params, x, values, h: float = 1e-5, seed: int = 2,
+                   with_jvp: bool = False) -> float | tuple[float, float]:
+    """Relative error of the directional derivative against central differences of a tight solve.
+
+    With `with_jvp`, also the error of the same directional derivative <w, (dx/dtheta) d> computed in forward
+    mode (one JVP along d): returns (reverse-mode error, forward-mode error).
+    """
     rng = np.random.default_rng(seed)
     n = values[0].numel()
     w = torch.tensor(rng.standard_normal(n))
@@ -188,7 +194,41 @@ def gradient_error(layer, call, problem, params, x, values, h: float = 1e-5, see
     down = [v - h * d for v, d in zip(values, direction, strict=True)]
     fd = (_reference_loss(problem, params, x, up, w.numpy())
           - _reference_loss(problem, params, x, down, w.numpy())) / (2 * h)
-    return abs(implicit - fd) / max(abs(fd), 1e-12)
+    error = abs(implicit - fd) / max(abs(fd), 1e-12)
+    if not with_jvp:
+        return error
+    with fwAD.dual_level():
+        tangent = fwAD.unpack_dual(call(layer, [fwAD.make_dual(v, d) for v, d in zip(values, direction,
+                                                                                   strict=True)])[0]).tangent
+    return error, abs(float((w * tangent).sum()) - fd) / max(abs(fd), 1e-12)
+
+
+def jvp_time(layer, values, repeats: int, call) -> tuple[float, float]:
+    """Forward-mode cost of one batched call: (forward with dual inputs, torch.autograd.forward_ad) minus (the
+    same forward without tangents, gradients on), and the backward, timed in one interleaved loop, best of
+    max(repeats, 5) each after a warm-up: a difference of two forwards needs the least noisy estimate.
+
+    Returns (jvp seconds, backward seconds) for the whole batch.
+    """
+    g = torch.Generator().manual_seed(5)
+    tangents = [torch.randn(v.shape, generator=g, dtype=v.dtype) for v in values]
+    params = [v.clone().requires_grad_(True) for v in values]
+    fwd, dual, bwd = [], [], []
+    for _ in range(max(repeats, 5) + 1):
+        for p in params:
+            p.grad = None
+        t = time.perf_counter()
+        out = call(layer, params)[0]
+        fwd.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        out.sum().backward()
+        bwd.append(time.perf_counter() - t)
+        with fwAD.dual_level():
+            duals = [fwAD.make_dual(v, d) for v, d in zip(values, tangents, strict=True)]
+            t = time.perf_counter()
+            fwAD.unpack_dual(call(layer, duals)[0]).tangent  # noqa: B018
+            dual.append(time.perf_counter() - t)
+    return min(dual[1:]) - min(fwd[1:]), min(bwd[1:])
 
 
 def _dense_kkt_time(n: int, B: int, repeats: int) -> float:
@@ -217,9 +257,12 @@ def run_case(n: int, B: int, repeats: int, with_error: bool, cvxpy_layers: bool 
         )
         row["qplayer_forward_ratio"] = row["qplayer_forward_ms"] / row["qpth_forward_ms"]
         row["qplayer_backward_ratio"] = row["qplayer_backward_ms"] / row["qpth_backward_ms"]
+    jvp, bwd = jvp_time(qplayer, values, repeats, _qplayer_call)
+    row["qplayer_jvp_ms"], row["qplayer_jvp_ratio"] = 1e3 * jvp / B, jvp / bwd
     if with_error:
         single = [v[0] for v in values]
-        row["qplayer_grad_error"] = gradient_error(qplayer, _qplayer_call, problem, params, x, single)
+        row["qplayer_grad_error"], row["qplayer_jvp_error"] = gradient_error(
+            qplayer, _qplayer_call, problem, params, x, single, with_jvp=True)
         if qpth is not None:
             row["qpth_grad_error"] = gradient_error(qpth, _qpth_call, problem, params, x, single)
     if not cvxpy_layers:
@@ -232,6 +275,8 @@ def run_case(n: int, B: int, repeats: int, with_error: bool, cvxpy_layers: bool 
     row["cvxpylayers_forward_ms"], row["cvxpylayers_backward_ms"] = (
         1e3 * t / B for t in _forward_backward(theirs, values, repeats, _cvxpylayers_call)
     )
+    jvp, bwd = jvp_time(ours, values, repeats, _bbd_call)
+    row["bbd_jvp_ms"], row["bbd_jvp_ratio"] = 1e3 * jvp / B, jvp / bwd
     row["dense_kkt_ms"] = 1e3 * _dense_kkt_time(n, B, repeats) / B
     row["backward_over_forward"] = row["bbd_backward_ms"] / row["bbd_forward_ms"]
     row["backward_speedup"] = row["cvxpylayers_backward_ms"] / row["bbd_backward_ms"]
@@ -240,7 +285,8 @@ def run_case(n: int, B: int, repeats: int, with_error: bool, cvxpy_layers: bool 
         row["qpth_backward_speedup"] = row["qpth_backward_ms"] / row["bbd_backward_ms"]
     if with_error:
         single = [v[0] for v in values]
-        row["bbd_grad_error"] = gradient_error(ours, _bbd_call, problem, params, x, single)
+        row["bbd_grad_error"], row["bbd_jvp_error"] = gradient_error(ours, _bbd_call, problem, params, x, single,
+                                                                    with_jvp=True)
         row["cvxpylayers_grad_error"] = gradient_error(theirs, _cvxpylayers_call, problem, params, x, single)
     return row
 
@@ -305,6 +351,29 @@ def _qplayer_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _jvp_table(rows: list[dict]) -> str:
+    cvx = any("bbd_jvp_ms" in r for r in rows)
+    head = f"{'n':>4} {'B':>3} | {'jvp QPLayer':>11} {'jvp/bwd':>7} {'err jvp':>8}"
+    if cvx:
+        head += f" | {'jvp cvxpy':>9} {'jvp/bwd':>7} {'err jvp':>8}"
+    lines = [head, "-" * len(head)]
+
+    def err(r, key, width=8):
+        return f"{r[key]:{width}.1e}" if key in r else f"{'':>{width}}"
+
+    for r in rows:
+        line = f"{r['n']:>4} {r['B']:>3} | {r['qplayer_jvp_ms']:11.3f} {r['qplayer_jvp_ratio']:7.2f} " + err(
+            r, "qplayer_jvp_error")
+        if cvx:
+            line += f" | {r['bbd_jvp_ms']:9.3f} {r['bbd_jvp_ratio']:7.2f} " + err(r, "bbd_jvp_error")
+        lines.append(line)
+    lines.append("Forward mode: one JVP along a random tangent of every parameter (torch.autograd.forward_ad), ms per "
+                 "instance = best (forward with dual inputs) - best (the same forward without tangents); jvp/bwd = "
+                 "that over the best backward of the same interleaved loop; err jvp = relative error of <w, J d> "
+                 "vs central differences of a tight Clarabel solve (first instance of the first batch size).")
+    return "\n".join(lines)
+
+
 def _table(rows: list[dict]) -> str:
     rows = [r for r in rows if "bbd_forward_ms" in r]
     if not rows:
@@ -366,6 +435,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 rows.append(run_case(n, B, repeats, with_error=(B == batches[0]), cvxpy_layers=not args.qplayer_only))
                 print(f"  done n={n} B={B}", file=sys.stderr, flush=True)
     print(_qplayer_table(rows))
+    print(_jvp_table(rows))
     fan_n, fan_B = (50, 16) if args.fast else (100, args.fanout_batch)
     fanout = fanout_times(fan_n, fan_B, repeats)
     print(f"QPLayer forward fan-out at n = {fan_n}, B = {fan_B} (ms per instance, 2 workers): "

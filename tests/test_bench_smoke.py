@@ -32,6 +32,9 @@ def test_bench_argmin_fast_matches_the_closed_form_and_torchopt():
     assert row["ours_err"] < 1e-9 and row["ours_root_err"] < 1e-9
     assert row["torchopt_err"] < 1e-9  # torchopt is a dev dependency: its column must be there
     assert row["ours/torchopt"] > 0 and row["ours_root/torchopt"] > 0
+    # forward mode: the JVP against the closed form H^{-1} t (its time is printed, never asserted)
+    assert row["ours_jvp_err"] < 1e-9 and row["ours_root_jvp_err"] < 1e-9
+    assert all(math.isfinite(row[k]) for k in ("ours_jvp/bwd", "ours_root_jvp/bwd", "ours_func_jvp/bwd"))
 
 
 def test_bench_ode_fast_reports_accuracy_beside_time():
