@@ -338,11 +338,15 @@ class _IVP(torch.autograd.Function):
                    "sensitivity equations, which are not differentiated again). Use bbd.odeint, whose steps are "
                    "implicit functions with second derivatives, or finite differences of the gradient.")
         if s.sensitivity != "forward":
-            with torch.no_grad():
-                ctx_grads = _IVP.backward(_Plain(ctx), g.detach())
-            marked = first_order_only([t for t in ctx_grads if t is not None], message, [*ctx.anchors, g])
-            it = iter(marked)
-            return tuple(None if t is None else next(it) for t in ctx_grads)
+            # The adjoint integration runs in a Function's forward: torch.func transforms hand it plain tensors.
+            total = _AdjointGradients.apply(_Plain(ctx), g)
+            total = first_order_only([total], message, [*ctx.anchors, g])[0]
+            grads = _split(total, ctx, params)
+            g_t = None
+            if ctx.t_like is not None and ctx.needs_input_grad[5]:
+                G = g.reshape(len(tt), -1).to(torch.float64).cpu()
+                g_t = _time_gradient(ctx, G, total[: G.shape[1]], torch.as_tensor(_IVP._fields(ctx)))
+            return (None, None, None, None, grads[0], g_t, *grads[1:])
         G = g.reshape(len(tt), -1).to(torch.float64).cpu()
         S = torch.as_tensor(record.S)
         total = torch.einsum("kim,ki->m", S, G)
@@ -386,6 +390,34 @@ class _IVP(torch.autograd.Function):
             "solve_ivp_layer under torch.func.vmap (vmap, jacrev, jacfwd, hessian) is not supported: the scipy "
             "integrator runs one trajectory at a time. Use torch.autograd.functional.jacobian, or loop over the "
             "batch."
+        )
+
+
+class _AdjointGradients(torch.autograd.Function):
+    """(ctx, g) -> the flat (y0, params) gradient by the adjoint equations; first order only."""
+
+    @staticmethod
+    def forward(plain, g):  # noqa: D102
+        G = _numpy(g, "reverse mode").reshape(len(plain.tt), -1)
+        return torch.as_tensor(np.concatenate(_adjoint(plain.field, plain.record.traj, plain.record.p, plain.tt, G,
+                                                       plain.settings)))
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):  # noqa: D102
+        pass
+
+    @staticmethod
+    def backward(ctx, _):  # noqa: D102
+        raise BlackBoxDiffError(
+            "solve_ivp_layer(sensitivity='adjoint'): derivatives of the gradient (in the cotangent too) are not "
+            "supported; use sensitivity='forward', whose gradient is linear in the cotangent in torch."
+        )
+
+    @staticmethod
+    def vmap(info, in_dims, *args):  # noqa: D102
+        raise BlackBoxDiffError(
+            "solve_ivp_layer(sensitivity='adjoint') under torch.func.vmap (jacrev, vmap) is not supported: the "
+            "adjoint integration runs one cotangent at a time. Use sensitivity='forward' (jacrev works there)."
         )
 
 
@@ -548,7 +580,13 @@ def solve_ivp_layer(
             or func raised during the integration.
     """
     settings = _Settings(method, rtol, atol, sensitivity, max_steps, timeout)
-    tt = _check_inputs(y0, t, params, settings)
+    try:
+        tt = _check_inputs(y0, t, params, settings)
+    except RuntimeError as err:  # vmap's batched tensors have no single value to check or integrate
+        raise BlackBoxDiffError(
+            "solve_ivp_layer under torch.func.vmap is not supported: the scipy integrator runs one trajectory at a "
+            "time. Loop over the batch (or use bbd.odeint with batch_dims=1)."
+        ) from err
     explicit = list(params)
     captured = _probe(func, float(tt[0]), np.asarray(y0.detach().tolist(), dtype=np.float64).reshape(-1), explicit)
     field = _Field(func, explicit, captured)

@@ -125,7 +125,7 @@ def _scipy_fit(method: str, tol: float):
 
 
 def scipy_case() -> Case:
-    # L-BFGS-B (gradients only): the Hessian-based methods fail under forward_ad, see the xfail test below
+    # L-BFGS-B (gradients only); the Hessian-based methods are checked under forward_ad by their own test below
     return Case(_scipy_fit("L-BFGS-B", 1e-15), torch.tensor([0.4, -0.2], dtype=F64))
 
 
@@ -367,30 +367,8 @@ COLUMNS: dict[str, Callable[[Reference], None]] = {
     "`torch.compile`": check_compile,
 }
 
-_CASADI_FUNC_JVP = (
-    "torch.func.jvp / jacfwd through a CasADi layer raise torch's raw RuntimeError 'You are attempting to call "
-    "Tensor.requires_grad_() ... inside of a function being transformed': engine _solution_jvp -> "
-    "Linearization.jvp_params -> _jvp_params_dense -> graph() under functorch, where _solution_vjp raises the "
-    "clear 'torch.func transforms ... are not supported'")
 # Cells the code gets wrong today (found by this matrix; the engine is not this file's to change).
-KNOWN_BUGS = {
-    ("`DEQ`", "forward mode"): (
-        "forward_ad through a DEQ with the default Anderson solver raises torch's INTERNAL ASSERT "
-        "'!this_view_meta->has_fw_view()': Anderson returns z as a view, so _Solve's output Z is a view whose "
-        "jvp tangent has another layout (the 'iteration' solver, functional.jvp and torch.func.jvp work)"),
-    ("CasADi layer", "`torch.func.jvp`"): _CASADI_FUNC_JVP,
-    ("CasADi layer", "jacfwd"): _CASADI_FUNC_JVP,
-    ("`solve_ivp_layer`, adjoint", "`torch.func` grad / vjp"): (
-        "torch.func.grad through solve_ivp_layer(sensitivity='adjoint') raises SolverError wrapping functorch's "
-        "'requires_grad_() inside of a function being transformed' (the adjoint integration differentiates "
-        "func with requires_grad_ on wrapped tensors); torch.func.vjp of the same call works"),
-    ("`solve_ivp_layer`, forward", "vmap"): (
-        "torch.func.vmap over solve_ivp_layer raises torch's raw 'data-dependent control flow' RuntimeError, "
-        "not a BlackBoxDiffError"),
-    ("`solve_ivp_layer`, adjoint", "vmap"): (
-        "torch.func.vmap over solve_ivp_layer raises torch's raw 'data-dependent control flow' RuntimeError, "
-        "not a BlackBoxDiffError"),
-}
+KNOWN_BUGS: dict[tuple[str, str], str] = {}  # (row, column) -> why the cell fails today; none now
 
 
 def _cells():
@@ -443,11 +421,6 @@ def test_deq_forward_ad_with_plain_iteration_is_right():
     _close(tangent, fd, 1e-7, "DEQ(iteration) forward_ad vs central differences")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "scipy backend: methods that use Hessian-vector products (Newton-CG, trust-*) compute them with "
-    "torch.func.jvp(torch.func.grad(f)) inside the black box (plugins/blackbox_diff_scipy/_solve.py, hessian()), "
-    "which raises 'Nested forward mode AD is not supported' when the layer is called under "
-    "torch.autograd.forward_ad: a SolverError instead of the tangent"))
 def test_scipy_layer_with_a_hessian_method_under_forward_ad():
     fit = _scipy_fit("Newton-CG", 1e-14)
     w, t = torch.tensor([0.4, -0.2], dtype=F64), torch.tensor([1.0, -0.5], dtype=F64)
@@ -479,11 +452,6 @@ def test_captured_tensor_gets_first_derivatives_and_forward_mode():
     assert float(tangent) == pytest.approx(1.0, abs=1e-12)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "engine: under create_graph=True the gradient of a tensor captured by closure comes back as a constant "
-    "(_ClosureLink.backward hangs the 'first order only' mark from the cotangent alone, which does not require "
-    "grad), so a mixed second derivative through it is silently dropped: d(dx/dw + dx/ds)/dw = -1/64 instead "
-    "of 3/64, with no error"))
 def test_second_derivative_through_a_captured_tensor_is_right_or_refused():
     s, root = _captured_root()
     w = torch.tensor(8.0, dtype=F64, requires_grad=True)
@@ -496,10 +464,6 @@ def test_second_derivative_through_a_captured_tensor_is_right_or_refused():
     assert float(h) == pytest.approx(-1 / 64 + 1 / 16, abs=1e-12)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "engine: the second derivative in a tensor captured by closure raises torch's raw 'element 0 of tensors "
-    "does not require grad' (the captured tensor's gradient is a constant under create_graph=True), not a "
-    "BlackBoxDiffError"))
 def test_second_derivative_in_a_captured_tensor_is_refused_clearly():
     s, root = _captured_root()
     w = torch.tensor(8.0, dtype=F64, requires_grad=True)

@@ -111,7 +111,9 @@ class Call(abc.ABC):
     def run(self, params: list[torch.Tensor]) -> torch.Tensor:
         """answers -> certification -> system; returns Z (B, n) with NaN rows for failed instances."""
         ans = self.answers(params)
-        Z, ok = ans.Z, ans.ok.clone()
+        # A tensor of its own: a view (a solver's reshaped iterate) as the Function's output would make forward
+        # mode give its tangent the view's layout.
+        Z, ok = (ans.Z if ans.Z._base is None else ans.Z.clone()), ans.ok.clone()
         system = System(self.residual_fn(), ans.aux, self.batched, self.structure, self.options, self.describe,
                         self.functional, self.independent, self.foldable, self.coupling_hint)
         self.system = system

@@ -20,13 +20,15 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
+from typing import Any
 
 import torch
+from torch.overrides import TorchFunctionMode
 
 from blackbox_diff._errors import BlackBoxDiffError
 from blackbox_diff.engine._call import Call
 from blackbox_diff.engine._policy import solve_linear
-from blackbox_diff.engine._system import Linearization, System, guard, once
+from blackbox_diff.engine._system import Linearization, System, first_order_only, guard, once
 
 __all__ = ["apply"]
 
@@ -175,12 +177,14 @@ class _ClosureLink(torch.autograd.Function):
     detached: so trainable tensors that F reaches by closure get -(dF/dW)^T u, their IFT gradient."""
 
     @staticmethod
-    def forward(call, R):  # noqa: D102
+    def forward(call, R, *params):  # noqa: D102
         return torch.zeros_like(R)
 
     @staticmethod
     def setup_context(ctx, inputs, output):  # noqa: D102
         ctx.call = inputs[0]
+        ctx.n_params = len(inputs) - 2
+        ctx.anchors = [t for t in inputs[2:] if torch.is_tensor(t) and t.requires_grad]
 
     @staticmethod
     def backward(ctx, g):  # noqa: D102
@@ -189,22 +193,84 @@ class _ClosureLink(torch.autograd.Function):
         if u is None:
             Zs, Ps = call.point
             u = _solve_numeric(_LinearProblem(_ok_system(call), True), g, Zs, Ps)
-        return None, once([-u], call.system, "tensors the condition captures by closure (pass them as parameters)",
-                          inputs=[g])[0]
+        # Under create_graph the captured tensors' gradients depend on z*, the parameters and g in ways this
+        # first-order link does not carry: hang them from all of those, so that differentiating them raises.
+        marked = once([-u], call.system, "tensors the condition captures by closure (pass them as parameters)",
+                      inputs=[g, *ctx.anchors])[0]
+        return (None, marked, *[None] * ctx.n_params)
 
     @staticmethod
-    def jvp(ctx, _, R_dot):  # noqa: D102
+    def jvp(ctx, _, R_dot, *__):  # noqa: D102
         call = ctx.call
         Zs, Ps = call.point
         return -_linear_solve(_ok_system(call), False, R_dot, Zs, Ps)
 
     @staticmethod
-    def vmap(info, in_dims, call, R):  # noqa: D102
+    def vmap(info, in_dims, call, R, *params):  # noqa: D102
         raise BlackBoxDiffError(
             f"torch.func.vmap over the {call.describe} condition, which reaches trainable tensors by closure "
             "(e.g. module weights used inside the condition): pass those tensors as parameters of the call, or "
             "batch with the engine's own in_dims= instead of vmap."
         )
+
+
+class _FirstOrderOnly(torch.autograd.Function):
+    """Identity on a tensor the condition captures by closure. Its gradient (first order, exact) passes
+    through marked: differentiating it again raises, because the captured tensor's second derivatives miss
+    the dependence of z* on it (it is not an input of the core; pass it as a parameter, or use a Module field,
+    whose weights are lifted)."""
+
+    generate_vmap_rule = True
+    MESSAGE = ("Second derivatives with respect to a tensor the condition captures by closure are not supported "
+               "(the dependence of z* on it is first order only): pass it as a parameter of the call, or use an "
+               "nn.Module field (DEQ, odeint), whose weights are lifted into the core.")
+
+    @staticmethod
+    def forward(x):  # noqa: D102
+        return x.view_as(x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):  # noqa: D102
+        ctx.save_for_backward(inputs[0])
+
+    @staticmethod
+    def backward(ctx, g):  # noqa: D102
+        if not torch.is_grad_enabled():
+            return g
+        (x,) = ctx.saved_tensors
+        return first_order_only([g], _FirstOrderOnly.MESSAGE, [g, x])[0]
+
+    @staticmethod
+    def jvp(ctx, t):  # noqa: D102
+        return t
+
+
+class _GuardCaptures(TorchFunctionMode):
+    """While F is evaluated for the closure link, every tensor that requires grad and that F did not make
+    (a captured weight, a hypernetwork's output) goes through `_FirstOrderOnly` once."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.made: dict[int, torch.Tensor] = {}  # tensors made inside F, kept alive so their ids stay unique
+        self.guarded: dict[int, torch.Tensor] = {}
+
+    def _guard(self, t: Any) -> Any:
+        if not (isinstance(t, torch.Tensor) and t.requires_grad) or id(t) in self.made:
+            return t
+        if id(t) not in self.guarded:  # (the mode is off inside its own __torch_function__)
+            self.guarded[id(t)] = _FirstOrderOnly.apply(t)
+            self.made[id(self.guarded[id(t)])] = self.guarded[id(t)]
+        return self.guarded[id(t)]
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: D105
+        kwargs = kwargs or {}
+        args = torch.utils._pytree.tree_map(self._guard, args)
+        kwargs = torch.utils._pytree.tree_map(self._guard, kwargs)
+        out = func(*args, **kwargs)
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self.made[id(t)] = t
+        return out
 
 
 # --------------------------------------------------------------------------------------------------
@@ -227,12 +293,12 @@ def apply(call: Call, params: Sequence[torch.Tensor]) -> tuple[torch.Tensor, tup
         # A copy: the output is the caller's to modify in place; the saved answers are the backward's.
         return Z.clone(), aux
     Zs, Ps = call.point
-    with torch.enable_grad():
+    with torch.enable_grad(), _GuardCaptures():
         R = _ok_system(call)(Zs, Ps)
     tangent = torch.autograd.forward_ad.unpack_dual(R).tangent if forward_mode else None
     if not R.requires_grad and tangent is None:
         return Z.clone(), aux
-    link = _ClosureLink.apply(call, R)
+    link = _ClosureLink.apply(call, R, *params)
     if bool(call.ok.all()):
         return Z + link, aux
     return Z.index_add(0, torch.nonzero(call.ok).flatten(), link), aux
@@ -379,6 +445,12 @@ def _solution_jvp(call: Call, Z, aux, params, tangents) -> torch.Tensor:
     idx, sub, Zs, Ps, _ = _restrict(call, Z, aux, params)
     dots = [None if t is None else (t[idx] if (b and idx is not None) else t)
             for t, b in zip(tangents, call.batched, strict=True)]
+    if not sub.functional and _wrapped(Zs, *Ps, *[d for d in dots if d is not None]):
+        raise BlackBoxDiffError(
+            f"torch.func transforms through the {sub.describe} condition are not supported: its residual is "
+            "evaluated outside torch (a once-differentiable operator). Use torch.autograd.forward_ad (dual "
+            "numbers) or torch.autograd.functional.jvp, which give forward mode."
+        )
     r = Linearization(sub, Zs, Ps).jvp_params(dots)
     v = _linear_solve(sub, False, r, Zs, Ps)
     return -_scatter(v, idx, Z)

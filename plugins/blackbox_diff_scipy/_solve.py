@@ -69,8 +69,10 @@ class _Derivatives:
 
     def hessp(self, f: Any) -> Any:
         def hvp(v, p):
-            _, out = torch.func.jvp(torch.func.grad(self.scalar(f)), (self.x(v),), (self.x(p),))
-            return out.reshape(-1).detach().numpy()
+            # H p as the VJP of the gradient (H is symmetric): reverse over reverse, so it also runs when the
+            # layer is called under torch.autograd.forward_ad, whose levels do not nest.
+            _, vjp = torch.func.vjp(torch.func.grad(self.scalar(f)), self.x(v))
+            return vjp(self.x(p))[0].reshape(-1).detach().numpy()
 
         return hvp
 
