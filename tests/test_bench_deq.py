@@ -45,7 +45,9 @@ def test_fast_table_has_torchdeq_ift_rows_beside_ours(capsys):
     # the iteration count; torchdeq's IFT keeps about as much as ours.
     mb = [r["saved_MB"] for r in ours]
     assert max(mb) == pytest.approx(min(mb))
-    assert max(mb) < 0.1 * min(r["saved_MB"] for r in unrolled)
+    # ours: the answers plus one evaluation of f's graph (3 tensors of the state's size), whatever the iteration
+    # count; unrolling keeps one per iteration (about 20 here)
+    assert max(mb) < 0.25 * min(r["saved_MB"] for r in unrolled)
     assert unrolled[1]["saved_MB"] == pytest.approx(2 * unrolled[0]["saved_MB"], rel=0.05)
     assert all(r["saved_MB"] < 2 * max(mb) for r in theirs)
     assert "meets our tol" in out and "MISSES" not in out and "not installed" not in out

@@ -58,6 +58,8 @@ class Call(abc.ABC):
         self.ok: torch.Tensor | None = None
         self.captures = False
         self.want_graph = False
+        self.linearization: Linearization | None = None
+        self._pending: Linearization | None = None
         self.point: tuple[torch.Tensor, list[torch.Tensor]] | None = None
         self.vmapped = False
         # row -> Degeneracy, filled by `answers` for instances at degenerate points
@@ -126,6 +128,7 @@ class Call(abc.ABC):
                 break
             passed = self._certify(system, Z, params, ok, R)
             if bool(passed.all()):
+                self.linearization = self._pending
                 idx = torch.nonzero(ok).flatten()
                 full = bool(ok.all())
                 self.point = (Z.detach() if full else Z[idx].detach(),
@@ -134,6 +137,7 @@ class Call(abc.ABC):
             ok[torch.nonzero(ok).flatten()[~passed]] = False
         if self.degeneracies:
             Z = self._resolve_degeneracies(system, Z, params, ok)
+            self.linearization = None  # the statement of some rows changed
         if self.check_curvature and bool(ok.any()):
             self._warn_if_not_a_minimum(system, Z, params, ok)
         self.ok = ok
@@ -213,19 +217,26 @@ class Call(abc.ABC):
                 warnings.warn(msg, RuntimeWarning, stacklevel=6)
         return Z
 
-    def _evaluate(self, system: System, Z, params, ok) -> torch.Tensor:
-        """F at the answers of the ok rows (detached). When a backward may follow, F is evaluated with
-        autograd on but every input detached: a result that still requires grad reaches trainable tensors
-        by closure (`captures`). No graph is kept: the backward rebuilds F's (one evaluation), so the memory
-        held between forward and backward is the answers and the parameters only."""
+    def _evaluate(self, system: System, Z, params, ok) -> torch.Tensor | None:
+        """F at the answers of the ok rows (detached); None when it cannot be evaluated there (the instances
+        then failed). When a backward may follow, F's graph on detached leaves is kept for it."""
         idx = torch.nonzero(ok).flatten()
         full = bool(ok.all())
         sub = system if full else system.rows(idx)
         Zs = (Z if full else Z[idx]).detach()
         Ps = [p.detach() for p in (list(params) if full else sub.params_rows(params, idx))]
         try:
-            with torch.set_grad_enabled(self.want_graph):
+            self._pending = None
+            if self.want_graph:
+                # F's graph at the answers, kept for a first-order backward (one evaluation of F held, as the
+                # memory of any IFT backward is); closure captures are the leaves it reaches besides its own.
+                lin = Linearization(sub, Zs, Ps)
+                R, Zl, Pl = lin.graph()
+                self.captures = _reaches_other_leaves(R, [Zl, *Pl])
+                self._pending = lin
+            else:
                 R = sub(Zs, Ps)
+                self.captures = False
         except (BlackBoxDiffError, InputError):
             raise
         except TypeError as err:  # called with the wrong arguments: the residual's signature, not the answer
@@ -251,7 +262,6 @@ class Call(abc.ABC):
                 failure.__cause__ = err
                 self.fail(failure, index)
             return None
-        self.captures = bool(R.requires_grad)
         return R.detach()
 
     def answer_shape(self) -> str:
@@ -338,3 +348,21 @@ def _newton_corrected(system: System, Z: torch.Tensor, params: list[torch.Tensor
     except Exception:  # noqa: BLE001 - only a diagnosis: no correction, no claim about rounding
         return None
     return (Z[0] - step).detach()
+
+
+def _reaches_other_leaves(R: torch.Tensor, leaves: list[torch.Tensor]) -> bool:
+    """Whether R's graph reaches tensors that require grad besides `leaves` (closure captures)."""
+    own = {id(t) for t in leaves}
+    stack, seen = [R.grad_fn], set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        variable = getattr(node, "variable", None)
+        if variable is not None:  # AccumulateGrad: a leaf
+            if id(variable) not in own:
+                return True
+            continue
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return False

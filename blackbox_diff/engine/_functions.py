@@ -369,8 +369,9 @@ def _solution_vjp(call: Call, Z, aux, params, g, needs) -> list[torch.Tensor | N
             "evaluated outside torch (a once-differentiable operator). Use torch.autograd (backward, "
             "autograd.grad, forward_ad) on it, which gives first derivatives and forward mode."
         )
-    if plain:  # first order: one graph of F, plain numerics
-        lin = Linearization(sub, Zs.detach(), [p.detach() for p in Ps])
+    if plain:  # first order: F's graph from the forward (or one new one), plain numerics
+        lin = call.linearization or Linearization(sub, Zs.detach(), [p.detach() for p in Ps])
+        call.linearization = None  # a second backward (retain_graph) builds its own
         u = _solve_numeric(_LinearProblem(sub, True, lin), gs, Zs, Ps)
         call.remember_adjoint(gs, u)
         grads = [None if gr is None else -gr for gr in lin.vjp_params_graph(u, needs)]
@@ -451,6 +452,13 @@ def _solution_jvp(call: Call, Z, aux, params, tangents) -> torch.Tensor:
             "evaluated outside torch (a once-differentiable operator). Use torch.autograd.forward_ad (dual "
             "numbers) or torch.autograd.functional.jvp, which give forward mode."
         )
+    live = [Zs, *Ps, *[d for d in dots if d is not None]]
+    if sub.functional and not any(t.requires_grad for t in live) and not _wrapped(*live):
+        # A tangent nothing will differentiate: one graph of F for (dF/dp) p' and the solve, plain numerics.
+        dots = [None if d is None else d.detach() for d in dots]
+        lin = Linearization(sub, Zs.detach(), [p.detach() for p in Ps])
+        v = _solve_numeric(_LinearProblem(sub, False, lin), lin.jvp_params_graph(dots), Zs, Ps)
+        return -_scatter(v, idx, Z)
     r = Linearization(sub, Zs, Ps).jvp_params(dots)
     v = _linear_solve(sub, False, r, Zs, Ps)
     return -_scatter(v, idx, Z)

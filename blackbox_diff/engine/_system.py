@@ -179,6 +179,22 @@ class Linearization:
                 out[i] = torch.zeros_like(Pl[i]) if g is None else g
         return out
 
+    def jvp_params_graph(self, tangents: Sequence[torch.Tensor | None]) -> torch.Tensor:
+        """(dF/dparams) tangent on the graph (first order, plain tensors): the double-VJP trick, one graph."""
+        R, _, Pl = self.graph()
+        pairs = [(p, t) for p, t in zip(Pl, tangents, strict=True) if t is not None and p.requires_grad]
+        if not pairs:
+            return torch.zeros_like(R)
+        c = torch.zeros_like(R, requires_grad=True)
+        with torch.enable_grad():
+            grads = torch.autograd.grad(R, [p for p, _ in pairs], c, create_graph=True, retain_graph=True,
+                                        allow_unused=True)
+            pairing = sum((g * t).sum() for g, (_, t) in zip(grads, pairs, strict=True) if g is not None)
+        if not torch.is_tensor(pairing) or not pairing.requires_grad:
+            return self._jvp_params_dense(list(tangents))
+        (out,) = torch.autograd.grad(pairing, c, allow_unused=True)
+        return torch.zeros_like(R) if out is None else out
+
     # --- functional (differentiable, transform-friendly) -----------------------------------------
     def _F(self, Z: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
         return self.system(Z, params)
