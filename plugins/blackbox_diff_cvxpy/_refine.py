@@ -7,7 +7,18 @@ import scipy.sparse as sps
 import scipy.sparse.linalg as spla
 import torch
 
-__all__ = ["polyhedral_refine"]
+__all__ = ["lu_regular", "polyhedral_refine"]
+
+
+def lu_regular(lu: torch.Tensor) -> bool:
+    """Whether an LU factorisation (partial pivoting) shows a regular matrix: finite, and no pivot below
+    N eps times the largest. A singular KKT matrix (dependent active rows) factors without error but with
+    a pivot at round-off level, and solving with it would return garbage."""
+    d = torch.diagonal(lu, dim1=-2, dim2=-1).abs()
+    if d.numel() == 0:
+        return True
+    top = float(d.max())
+    return bool(torch.isfinite(lu).all()) and float(d.min()) > d.numel() * torch.finfo(lu.dtype).eps * top
 
 
 def polyhedral_refine(data, x, y, s, z0: int, nn: int, tol: float, dense: bool = True, max_swaps: int = 4):
@@ -21,7 +32,8 @@ def polyhedral_refine(data, x, y, s, z0: int, nn: int, tol: float, dense: bool =
         (z, a, lu, pivots, weak) as numpy arrays (LAPACK LU and 1-based int32 pivots, as
         torch.linalg.lu_factor gives them; both None when `dense` is False: large systems are factored
         sparse and the engine's Krylov solver takes the adjoint), or None when J is singular or the
-        refined point is not better than the solver's.
+        refined point is not better than the solver's (the caller then takes the solver's answer and asks
+        the KKT toolkit whether it is degenerate).
     """
 
     P, c, A, b = data
@@ -58,7 +70,7 @@ def polyhedral_refine(data, x, y, s, z0: int, nn: int, tol: float, dense: bool =
             # torch's LAPACK, not scipy's: it honours torch.set_num_threads, and scipy's threaded OpenBLAS
             # was 15x slower on a loaded 2-core machine for a 450 x 450 factorisation.
             lu_t, piv_t, info = torch.linalg.lu_factor_ex(torch.from_numpy(J))
-            if int(info) != 0 or not bool(torch.isfinite(lu_t).all()):
+            if int(info) != 0 or not lu_regular(lu_t):
                 return None
             z = torch.linalg.lu_solve(lu_t, piv_t, torch.from_numpy(rhs)[:, None])[:, 0].numpy()
             lu, piv = lu_t.numpy(), piv_t.numpy()
