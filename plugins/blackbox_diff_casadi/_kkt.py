@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import collections
 import threading
-import warnings
 from typing import Any
 
 import numpy as np
@@ -79,6 +78,13 @@ class KKTKernels:
         # so carrying its nonzeros makes the backward's parameter VJP a scatter-add instead of a CasADi call.
         self.point = ca.Function("point", args, [F, nz(K), c, lb, ub, nz(Jp)])
         self.vjp = ca.Function("vjp", [*args, w], [ca.jtimes(F, z, w, True), ca.jtimes(F, p, w, True)])
+        # Sizes of the terms of the constraint rows and of grad f (certification, active-set tolerances), and
+        # the dense gradient and constraint Jacobian a degenerate point's active sets are examined with.
+        Jc, gf = ca.jacobian(c, x), ca.gradient(f, x)
+        row_terms = ca.mtimes(ca.fabs(Jc), ca.fabs(x)) + ca.mtimes(ca.fabs(ca.jacobian(c, p)), ca.fabs(p))
+        row_norms = ca.mtimes(ca.fabs(Jc), ca.DM.ones(n, 1))
+        self.sizes = ca.Function("sizes", [x, p], [row_terms, row_norms, ca.fabs(gf)])
+        self.dense = ca.Function("dense", [x, p], [gf, Jc])
         self._cache: collections.OrderedDict = collections.OrderedDict()
         self._lock = threading.Lock()
 
@@ -126,31 +132,37 @@ class KKTKernels:
         """(dF/dp)^T w at the point."""
         return self.at(z, alo, aup, p).vjp_params(w)
 
-    def polish(self, z, alo, aup, p, steps: int = 2) -> np.ndarray:
-        """Newton steps on F(z) = 0 for the identified active set: moves an interior-point answer onto
-        its active constraints exactly, so that the IFT is applied at a KKT point, not near one."""
+    def newton(self, z, alo, aup, p, steps: int = 6) -> tuple[np.ndarray, bool]:
+        """Newton steps on F(z) = 0 for the active set (alo, aup): moves an interior-point answer onto its
+        active constraints exactly, so that the IFT is applied at a KKT point, not near one.
+
+        Returns:
+            (z, converged): the point with the smallest residual, and whether its residual is at round-off
+            relative to the size of F's terms.
+        """
         best = self.at(z, alo, aup, p)
         best_z, best_err = z, best.error
         for _ in range(steps):
-            if best_err < 1e-13 or best.lu is None:
+            if best.lu is None or best.converged(best_z, p):
                 break
             trial_z = best_z - best.lu.solve(best.F)
             trial = self.at(trial_z, alo, aup, p)
-            if not trial.error < best_err or not self._consistent(trial, trial_z[self.n :], alo, aup):
+            if not trial.error < best_err:
                 break
             best, best_z, best_err = trial, trial_z, trial.error
-        return best_z
+        return best_z, best.converged(best_z, p)
 
-    @staticmethod
-    def _consistent(pt: Point, lam, alo, aup, tol: float = 1e-7) -> bool:
-        """The polished point keeps inactive rows feasible and active multipliers of the right sign."""
-        c, lb, ub = pt.c, pt.lb, pt.ub
-        free = (alo + aup) == 0
-        scale = 1.0 + np.abs(c)
-        feasible = np.all((c[free] <= ub[free] + tol * scale[free]) & (c[free] >= lb[free] - tol * scale[free]))
-        eq = lb == ub
-        signs = np.all(lam[(aup > 0)] >= -tol) and np.all(lam[(alo > 0) & ~eq] <= tol)
-        return bool(feasible and signs)
+    def row_sizes(self, x: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(|dc/dx||x| + |dc/dp||p| + |finite bounds|, row 1-norms of dc/dx, |grad f|) at x."""
+        terms, norms, gf = (v.full().reshape(-1) for v in self.sizes(x, p))
+        _, lb, ub = self.constraint_values(x, p)
+        bounds = np.maximum(np.where(np.isfinite(lb), np.abs(lb), 0.0), np.where(np.isfinite(ub), np.abs(ub), 0.0))
+        return terms + bounds, norms, gf
+
+    def dense_jacobians(self, x: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(grad f, dc/dx) at x, dense."""
+        gf, Jc = self.dense(x, p)
+        return np.asarray(gf.full()).reshape(-1), np.asarray(Jc.full()).reshape(self.m, self.n)
 
 
 class Point:
@@ -158,26 +170,23 @@ class Point:
 
     __slots__ = ("F", "K", "c", "lb", "ub", "_pattern", "_Jp", "_p_pattern", "_lu", "_done", "_pinv")
 
+    # A sparse LU pivot below this fraction of the largest makes the point suspect of degeneracy (the KKT
+    # toolkit's rank test then decides); SuperLU does not fail on a numerically singular matrix.
+    PIVOT_RTOL = 1e-10
+
     def __init__(self, F, K, c, lb, ub, pattern, Jp, p_pattern) -> None:
         self.F, self.K, self.c, self.lb, self.ub, self._pattern = F, K, c, lb, ub, pattern
         self._Jp, self._p_pattern = Jp, p_pattern
         self._lu, self._done, self._pinv = None, False, None
 
     def solve(self, b: np.ndarray, trans: str = "N") -> np.ndarray:
-        """K^{-1} b (or K^{-T} b) by the sparse LU; the minimum-norm least-squares solution, with a warning,
-        when K is singular (a degenerate active set, e.g. two identical active constraints)."""
+        """K^{-1} b (or K^{-T} b) by the sparse LU; the minimum-norm least-squares solution when K is
+        singular. Only a point no regular active set can state reaches the backward singular, and
+        `CasadiKKT.degeneracy` warns about it."""
         lu = self.lu
         if lu is not None:
             return lu.solve(b, trans=trans)
         if self._pinv is None:
-            warnings.warn(
-                "The KKT matrix of the CasADi problem is singular at the solution (degenerate active set, "
-                "dependent active constraints, or a non-isolated minimum). Used the minimum-norm least-squares "
-                "solution: the multipliers, and so the gradient, are not unique there. Remove redundant "
-                "constraints, or pass adjoint='engine' with ridge= to regularise.",
-                RuntimeWarning,
-                stacklevel=2,
-            )
             self._pinv = np.linalg.pinv(self.matrix().toarray())
         return (self._pinv.T if trans == "T" else self._pinv) @ b
 
@@ -189,6 +198,25 @@ class Point:
     def error(self) -> float:
         err = np.abs(self.F).max(initial=0.0)
         return float(err) if np.isfinite(err) else np.inf
+
+    def terms(self, z: np.ndarray, p: np.ndarray) -> np.ndarray:
+        """|dF/dz||z| + |dF/dp||p| per component of F: the size of the terms it is made of (exact, sparse)."""
+        row, colind, shape = self._pattern
+        from scipy.sparse import csc_matrix
+
+        out = csc_matrix((np.abs(self.K), row, colind), shape=shape) @ np.abs(z)
+        rows, cols, n_p = self._p_pattern
+        if rows.size:
+            out = out + np.bincount(rows, weights=np.abs(self._Jp) * np.abs(p[cols]), minlength=shape[0])
+        return out
+
+    def converged(self, z: np.ndarray, p: np.ndarray, rtol: float = 1e-11) -> bool:
+        """Every |F_i| at round-off relative to its terms (floor: rtol^(1/2) x the largest term)."""
+        if not np.all(np.isfinite(self.F)):
+            return False
+        terms = self.terms(z, p)
+        floor = np.sqrt(rtol) * terms.max(initial=0.0) + np.finfo(np.float64).tiny
+        return bool(np.all(np.abs(self.F) <= rtol * terms + floor * rtol))
 
     def matrix(self):
         from scipy.sparse import csc_matrix
@@ -202,8 +230,21 @@ class Point:
             from scipy.sparse.linalg import splu
 
             try:
-                self._lu = splu(self.matrix(), permc_spec="COLAMD")
+                lu = splu(self.matrix(), permc_spec="COLAMD")
             except RuntimeError:  # exactly singular: the caller decides (error, or the engine's lstsq)
-                self._lu = None
-            self._done = True
+                lu = None
+            if lu is not None:  # numerically singular (a pivot at round-off): as unusable as exactly singular
+                d = np.abs(lu.U.diagonal())
+                if d.size and not d.min() > d.size * np.finfo(np.float64).eps * d.max():
+                    lu = None
+            self._lu, self._done = lu, True
         return self._lu
+
+    @property
+    def suspect(self) -> bool:
+        """K is singular or has a pivot at round-off relative to the largest (possibly singular)."""
+        lu = self.lu
+        if lu is None:
+            return True
+        d = np.abs(lu.U.diagonal())
+        return bool(d.size and (not np.all(np.isfinite(d)) or d.min() <= self.PIVOT_RTOL * d.max()))
