@@ -348,7 +348,7 @@ class ConeCondition(AbstractCondition):
         Returns:
             (z, a, LU, pivots, weak rows (None: the answer's own), whether J was factored (regular)).
         """
-        from ._refine import lu_regular
+        from ._refine import regular_lu
 
         cones = self.program.cones
         z0, start = cones.zero, cones.conic_start
@@ -361,8 +361,7 @@ class ConeCondition(AbstractCondition):
             return float(torch.cat([self.raw_residual(v, act, data), self._feasibility(v, act, data)]).abs().max())
 
         def factor(v, act):
-            lu, piv, info = torch.linalg.lu_factor_ex(self.jacobian(v, act, data))
-            return (lu, piv) if int(info) == 0 and lu_regular(lu) else None
+            return regular_lu(self.jacobian(v, act, data))
 
         z = unknowns(a)
         best = (z, a, factor(z, a), None)

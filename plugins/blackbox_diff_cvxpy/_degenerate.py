@@ -22,7 +22,7 @@ import torch
 from blackbox_diff.engine import Degeneracy
 from blackbox_diff.kkt import active_set_variants
 
-from ._refine import lu_regular
+from ._refine import regular_lu
 
 __all__ = ["REGULAR", "SINGULAR", "UNCHECKED", "WEAK", "cone_degeneracy"]
 
@@ -76,9 +76,10 @@ def _variant(cond: Any, x: torch.Tensor, w: torch.Tensor, a: torch.Tensor, data:
     """(z, (LU, pivots)) of one active set: for an LP/QP the exact point on it (J z = [-c; a*b]), else the
     answer with the set's multipliers; None when J is singular on it."""
     z = torch.cat([x, w])
-    lu, piv, info = torch.linalg.lu_factor_ex(cond.jacobian(z, a, data))
-    if int(info) != 0 or not lu_regular(lu):
+    factors = regular_lu(cond.jacobian(z, a, data))
+    if factors is None:
         return None
+    lu, piv = factors
     if not cond.program.cones.nonlinear:
         _, c, _, b = data
         start = cond.program.cones.conic_start
