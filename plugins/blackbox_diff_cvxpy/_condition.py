@@ -246,22 +246,21 @@ class ConeCondition(AbstractCondition):
     def residual_scale(self, z: torch.Tensor, *rest: Any) -> torch.Tensor:
         """The size of the terms of each `certificate` component: |P||x| + |c| + |A^T||y| for stationarity,
         |A||x| + |b| (+ |s| for conic rows) for rows, |w| for pinned multipliers, and for a multiplier's sign
-        the size a multiplier of that row must have to matter in stationarity."""
+        the size a multiplier of that row must have to matter in stationarity (the largest stationarity term
+        over the row's 1-norm)."""
         active, _, _, extra, params = self._unpack(rest)
         P, c, A, b = self._data(extra, params)
         x, w = self._split(z)
         y, s_cone = self._y_s(w, active)
         cones = self.program.cones
         z0, start = cones.zero, cones.conic_start
-        Aa = A.abs()
-        stat = Aa.mT @ y.abs() + c.abs()
-        if P is not None:
-            stat = stat + P.abs() @ x.abs()
-        rows = Aa @ x.abs() + b.abs()
+        Aa, ax = A.abs(), x.abs()
+        stat = Aa.mT @ y.abs() + c.abs() + (P.abs() @ ax if P is not None else 0.0)
+        rows = Aa @ ax + b.abs()
         polyhedral = active * rows[:start] + (1 - active) * w[:start].abs()
-        dual = stat.amax(dim=-1, keepdim=True) / Aa[z0:start].amax(dim=-1).clamp_min(torch.finfo(A.dtype).tiny)
-        return torch.cat([stat, polyhedral, rows[start:] + s_cone.abs(), rows[:start],
-                          dual + w[z0:start].abs()])
+        top = stat.amax(dim=-1, keepdim=True)
+        dual = top / Aa[z0:start].sum(dim=-1).clamp_min(torch.finfo(z.dtype).tiny)
+        return torch.cat([stat, polyhedral, rows[start:] + s_cone.abs(), rows[:start], dual + w[z0:start].abs()])
 
     def jacobian(self, z: torch.Tensor, active: torch.Tensor, data: tuple) -> torch.Tensor:
         """dF/dz assembled from the data: [[P, A^T Dy], [rows of A, Ds]] (dense, one instance)."""
