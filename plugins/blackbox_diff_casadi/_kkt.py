@@ -55,7 +55,6 @@ class KKTKernels:
         c = ca.vertcat(g, xb)
         lb = ca.vertcat(lbg, ca.DM(nlp.lbx[nlp.bounded_x]))
         ub = ca.vertcat(ubg, ca.DM(nlp.ubx[nlp.bounded_x]))
-        self.constraints = ca.Function("c", [x, p], [c, lb, ub])
         finite = lambda b: ca.if_else(ca.fabs(b) < ca.inf, b, 0)  # noqa: E731 - 0*inf would poison rows
         a = alo + aup
         stat = ca.gradient(f + ca.dot(a * lam, c), x)
@@ -83,7 +82,7 @@ class KKTKernels:
         Jc, gf = ca.jacobian(c, x), ca.gradient(f, x)
         row_terms = ca.mtimes(ca.fabs(Jc), ca.fabs(x)) + ca.mtimes(ca.fabs(ca.jacobian(c, p)), ca.fabs(p))
         row_norms = ca.mtimes(ca.fabs(Jc), ca.DM.ones(n, 1))
-        self.sizes = ca.Function("sizes", [x, p], [row_terms, row_norms, ca.fabs(gf)])
+        self.primal = ca.Function("primal", [x, p], [c, lb, ub, row_terms, row_norms, ca.fabs(gf)])
         self.dense = ca.Function("dense", [x, p], [gf, Jc])
         self._cache: collections.OrderedDict = collections.OrderedDict()
         self._lock = threading.Lock()
@@ -120,9 +119,22 @@ class KKTKernels:
     def kkt_matrix(self, z, alo, aup, p):
         return self.at(z, alo, aup, p).matrix()
 
+    def _primal(self, x: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, ...]:
+        """(c, lb, ub, row terms, row norms, |grad f|) at x, cached by value (the active-set iteration, the
+        degeneracy check and certification all come back to the same x)."""
+        key = ("primal", x.tobytes(), p.tobytes())
+        with self._lock:
+            hit = self._cache.get(key)
+        if hit is None:
+            hit = tuple(v.full().reshape(-1) for v in self.primal(x, p))
+            with self._lock:
+                self._cache[key] = hit
+                if len(self._cache) > _CACHE_SIZE:
+                    self._cache.popitem(last=False)
+        return hit
+
     def constraint_values(self, x: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        c, lb, ub = self.constraints(x, p)
-        return (c.full().reshape(-1), lb.full().reshape(-1), ub.full().reshape(-1))
+        return self._primal(x, p)[:3]
 
     def vjps(self, z, alo, aup, p, w) -> tuple[np.ndarray, np.ndarray]:
         jz, jp = self.vjp(*self._args(z, alo, aup, p), w)
@@ -134,19 +146,21 @@ class KKTKernels:
 
     def newton(self, z, alo, aup, p, steps: int = 6) -> tuple[np.ndarray, bool]:
         """Newton steps on F(z) = 0 for the active set (alo, aup): moves an interior-point answer onto its
-        active constraints exactly, so that the IFT is applied at a KKT point, not near one.
+        active constraints exactly, so that the IFT is applied at a KKT point, not near one. The Jacobian is
+        factored once, at the start (chord steps: the answer is close, and F is linear in the multipliers
+        and in the constraints' linear parts); the final point is factored when the residual needs it.
 
         Returns:
             (z, converged): the point with the smallest residual, and whether its residual is at round-off
-            relative to the size of F's terms.
+            relative to the size of F's terms (or, all terms ~0, reduced by 12 orders of magnitude).
         """
-        best = self.at(z, alo, aup, p)
-        best_z, best_err = z, best.error
-        start = best_err
+        first = self.at(z, alo, aup, p)
+        best, best_z, best_err = first, z, first.error
+        lu = first.lu
         for _ in range(steps):
-            if best.lu is None or best.converged(best_z, p):
+            if lu is None or best.converged(best_z, p):
                 break
-            step = best.lu.solve(best.F)
+            step = lu.solve(best.F)
             trial_z = best_z - step
             # Entries that cancelled to round-off are zero: what is left is the subtraction's rounding, and a
             # solution at 0 (with data 0 there) is otherwise never exact relative to its own terms.
@@ -155,14 +169,11 @@ class KKTKernels:
             if not trial.error < best_err:
                 break
             best, best_z, best_err = trial, trial_z, trial.error
-        # Converged: at round-off relative to F's terms, or (terms all ~0: a solution at the origin with
-        # data 0) the residual reduced by 12 orders of magnitude from where Newton started.
-        return best_z, best.converged(best_z, p) or (best.lu is not None and best_err <= 1e-12 * start)
+        return best_z, lu is not None and (best.converged(best_z, p) or best_err <= 1e-12 * first.error)
 
     def row_sizes(self, x: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(|dc/dx||x| + |dc/dp||p| + |finite bounds|, row 1-norms of dc/dx, |grad f|) at x."""
-        terms, norms, gf = (v.full().reshape(-1) for v in self.sizes(x, p))
-        _, lb, ub = self.constraint_values(x, p)
+        _, lb, ub, terms, norms, gf = self._primal(x, p)
         bounds = np.maximum(np.where(np.isfinite(lb), np.abs(lb), 0.0), np.where(np.isfinite(ub), np.abs(ub), 0.0))
         return terms + bounds, norms, gf
 
@@ -175,7 +186,7 @@ class KKTKernels:
 class Point:
     """F, the nonzeros of K and the constraint values at one point; the sparse LU is built on first use."""
 
-    __slots__ = ("F", "K", "c", "lb", "ub", "_pattern", "_Jp", "_p_pattern", "_lu", "_done", "_pinv")
+    __slots__ = ("F", "K", "c", "lb", "ub", "_pattern", "_Jp", "_p_pattern", "_lu", "_done", "_pinv", "_terms")
 
     # A pivot of the equilibrated K below this fraction of the largest makes the point suspect of degeneracy
     # (the KKT toolkit's rank test then decides); SuperLU does not fail on a numerically singular matrix.
@@ -184,7 +195,7 @@ class Point:
     def __init__(self, F, K, c, lb, ub, pattern, Jp, p_pattern) -> None:
         self.F, self.K, self.c, self.lb, self.ub, self._pattern = F, K, c, lb, ub, pattern
         self._Jp, self._p_pattern = Jp, p_pattern
-        self._lu, self._done, self._pinv = None, False, None
+        self._lu, self._done, self._pinv, self._terms = None, False, None, None
 
     def solve(self, b: np.ndarray, trans: str = "N") -> np.ndarray:
         """K^{-1} b (or K^{-T} b) by the sparse LU; the minimum-norm least-squares solution when K is
@@ -207,15 +218,17 @@ class Point:
         return float(err) if np.isfinite(err) else np.inf
 
     def terms(self, z: np.ndarray, p: np.ndarray) -> np.ndarray:
-        """|dF/dz||z| + |dF/dp||p| per component of F: the size of the terms it is made of (exact, sparse)."""
-        row, colind, shape = self._pattern
-        from scipy.sparse import csc_matrix
-
-        out = csc_matrix((np.abs(self.K), row, colind), shape=shape) @ np.abs(z)
-        rows, cols, n_p = self._p_pattern
-        if rows.size:
-            out = out + np.bincount(rows, weights=np.abs(self._Jp) * np.abs(p[cols]), minlength=shape[0])
-        return out
+        """|dF/dz||z| + |dF/dp||p| per component of F: the size of the terms it is made of (exact, sparse;
+        z and p are the point's own, so it is computed once)."""
+        if self._terms is None:
+            row, colind, shape = self._pattern
+            cols_k = np.repeat(np.arange(shape[1]), np.diff(colind))
+            out = np.bincount(row, weights=np.abs(self.K) * np.abs(z[cols_k]), minlength=shape[0])
+            rows, cols, _ = self._p_pattern
+            if rows.size:
+                out = out + np.bincount(rows, weights=np.abs(self._Jp) * np.abs(p[cols]), minlength=shape[0])
+            self._terms = out
+        return self._terms
 
     def converged(self, z: np.ndarray, p: np.ndarray, rtol: float = 1e-11) -> bool:
         """Every |F_i| at round-off relative to its terms (floor: rtol^(1/2) x the largest term)."""
@@ -236,7 +249,8 @@ class Point:
         """A sparse LU of K (`_ScaledLU`), or None when K is singular: exactly (SuperLU fails) or numerically
         (a pivot of the equilibrated D K D at round-off relative to the largest)."""
         if not self._done:
-            self._lu, self._done = _ScaledLU.factor(self.matrix()), True
+            row, colind, shape = self._pattern
+            self._lu, self._done = _ScaledLU.factor(self.K, row, colind, shape), True
         return self._lu
 
     @property
@@ -255,15 +269,18 @@ class _ScaledLU:
         self._lu, self._d, self.pivot_ratio = lu, d, pivot_ratio
 
     @classmethod
-    def factor(cls, K) -> _ScaledLU | None:
-        from scipy.sparse import diags
+    def factor(cls, values: np.ndarray, row: np.ndarray, colind: np.ndarray, shape) -> _ScaledLU | None:
+        """Factor the CSC matrix (values, row, colind) of the given shape, equilibrated."""
+        from scipy.sparse import csc_matrix
         from scipy.sparse.linalg import splu
 
-        top = abs(K).max(axis=1).toarray().reshape(-1)
+        magnitude = np.abs(values)
+        top = np.zeros(shape[0])
+        np.maximum.at(top, row, magnitude)
         d = 1.0 / np.sqrt(np.where(top > 0, top, 1.0))
-        D = diags(d)
+        col = np.repeat(np.arange(shape[1]), np.diff(colind))
         try:
-            lu = splu((D @ K @ D).tocsc(), permc_spec="COLAMD")
+            lu = splu(csc_matrix((values * d[row] * d[col], row, colind), shape=shape), permc_spec="COLAMD")
         except RuntimeError:  # exactly singular: the caller decides (error, or the engine's lstsq)
             return None
         pivots = np.abs(lu.U.diagonal())
