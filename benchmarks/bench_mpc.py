@@ -3,6 +3,8 @@ differences, CasADi's own nlpsol sensitivity and mpc.pytorch (when installed); a
 tight-tolerance finite-difference reference, with the control bounds inactive and active.
 
 Run:  python benchmarks/bench_mpc.py [--fast] [--reps N]
+      python benchmarks/bench_mpc.py --check-cost [--fast] [--reps N]   (what certification and the
+      degeneracy test cost, against the backward)
 
 Every time is the minimum over `--reps` repetitions in this one run (the minimum, not the median: on a busy
 2-core machine the scheduler's 4 ms time slices land on random repetitions); compare ratios, not absolute
@@ -221,15 +223,75 @@ def bench(T: int, reps: int) -> dict:
     return row
 
 
+def check_cost(T: int, reps: int) -> list[dict]:
+    """What the answer checks cost, in ms: certification (the layer's forward minus the same forward with
+    residual_tol=None, alternated, best of `reps`) and the degeneracy test (time in the condition's
+    `degeneracy`, which with adjoint="sparse_lu" includes the LU of the KKT matrix at the answer that the
+    residual then reuses), against the backward; both adjoints, the control bounds inactive and active."""
+    probe = _probe(T)
+    rows = []
+    for adjoint in ("sparse_lu", "engine"):
+        checked, unchecked = (mpc.mpc_layer(T, 0.05, warm_start=True, adjoint=adjoint, residual_tol=tol)
+                              for tol in (1e-5, None))
+        condition = checked.compiled.condition
+        inner, spent = condition.degeneracy, [0.0]
+
+        def timed(*args, inner=inner, spent=spent, **kwargs):
+            t = time.perf_counter()
+            try:
+                return inner(*args, **kwargs)
+            finally:
+                spent[0] += time.perf_counter() - t
+
+        condition.degeneracy = timed  # an instance attribute: the per-call copies of the condition keep it
+        for name, x0 in STARTS.items():
+            ps = _params(x0)
+            for layer in (checked, unchecked):
+                _loss(*layer(*ps), probe).backward()
+            fwd, fwd_none, bwd, deg = [], [], [], []
+            for _ in range(reps):
+                spent[0] = 0.0
+                t = time.perf_counter()
+                loss = _loss(*checked(*ps), probe)
+                fwd.append(time.perf_counter() - t)
+                deg.append(spent[0])
+                t = time.perf_counter()
+                loss.backward()
+                bwd.append(time.perf_counter() - t)
+                t = time.perf_counter()
+                unchecked(*ps)
+                fwd_none.append(time.perf_counter() - t)
+            row = {"T": T, "adjoint": adjoint, "case": name, **{k: 1e3 * float(np.min(v)) for k, v in (
+                ("forward", fwd), ("forward, no certification", fwd_none), ("backward", bwd), ("degeneracy", deg))}}
+            row["certification"] = max(row["forward"] - row["forward, no certification"], 0.0)
+            row["checks / backward"] = (row["certification"] + row["degeneracy"]) / row["backward"]
+            rows.append(row)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--fast", action="store_true", help="T=10 only, few repetitions (smoke test)")
     parser.add_argument("--reps", type=int, default=None)
     parser.add_argument("--json", metavar="PATH", default=None, help="also write the rows as JSON")
+    parser.add_argument("--check-cost", action="store_true",
+                        help="only the cost of the answer checks (certification, degeneracy) against the backward")
     args = parser.parse_args(argv)
     horizons = (10,) if args.fast else (20, 50)
     reps = args.reps or (5 if args.fast else 40)
     torch.set_num_threads(1)
+    if args.check_cost:
+        rows = [r for T in horizons for r in check_cost(T, reps)]
+        print(f"\nCost of the answer checks, cart-pole MPC, IPOPT, best of {reps} runs [ms]")
+        cols = ["forward", "forward, no certification", "backward", "certification", "degeneracy"]
+        print(f"{'T':>4} {'adjoint':>9} {'case':>16} " + " ".join(f"{c:>25}" for c in cols) + "  checks / backward")
+        for r in rows:
+            print(f"{r['T']:>4} {r['adjoint']:>9} {r['case']:>16} " + " ".join(f"{r[c]:>25.3f}" for c in cols)
+                  + f"  {r['checks / backward']:>17.0%}")
+        if args.json:
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(json.dumps(rows, indent=2))
+        return rows
     rows = [bench(T, reps) for T in horizons]
     cols = ["cold solve", "warm re-solve", "layer forward", "backward (ours)", "central FD", "casadi nlpsol sens."]
     print(f"\nCart-pole MPC, IPOPT, best of {reps} runs [ms]")

@@ -521,11 +521,11 @@ def test_polyhedral_fast_path_factors_the_residuals_jacobian():
     condition = compiled.condition
     raw = [v.detach() for v in values]
     answer = compiled.solve(*[v.numpy() for v in raw])
-    z, (active, lu, piv) = condition.prepare(answer, tuple(raw), ImplicitOptions())
+    z, (active, lu, piv, status) = condition.prepare(answer, tuple(raw), ImplicitOptions())
     J = condition.jacobian(z, active, condition._data((), tuple(raw)))
     v = torch.linspace(-1.0, 1.0, z.numel())
     torch.testing.assert_close(J @ torch.linalg.lu_solve(lu, piv, v[:, None])[:, 0], v, atol=1e-10, rtol=0)
-    assert float(condition.certificate(z, active, lu, piv, *raw).abs().max()) < 1e-12
+    assert float(condition.certificate(z, active, lu, piv, status, *raw).abs().max()) < 1e-12
 
 
 @pytest.mark.parametrize("options", [{"precondition": False}, {"refine": False}, {"dense_max": 0}],

@@ -277,25 +277,32 @@ def test_cuda_tensors_are_solved_on_cpu_and_differentiated_on_their_device():
 # --- degenerate problems ----------------------------------------------------------------------------------------
 def test_duplicate_active_rows_are_named_and_the_derivative_that_exists_is_right():
     """Rows 0 and 1 are the same constraint z_0 <= 1 (LICQ fails): dz/dp exists (z_0 stays at 1, z_1 = -p_1)
-    and is exact; only the split of dz/dh between the duplicates is not unique (minimum norm: halves)."""
+    and is exact; z_0 = min(h_0, h_1) has a kink in h and z_1 one in G (tilting row 0 or row 1 moves it
+    differently), and the warning names the rows and the outputs."""
     p = torch.tensor([-2.0, -2.0], requires_grad=True)
     G = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
     h = torch.tensor([1.0, 1.0, 5.0], requires_grad=True)
     with pytest.warns(RuntimeWarning) as record:
         z = bbd.QPLayer()(torch.eye(2), p, G, h, NONE, NONE)
     messages = [str(r.message) for r in record]
-    assert any("equality rows [] and inequality rows [1] depend on the other active rows" in m for m in messages)
-    assert any("inequality rows [1] are weakly active" in m for m in messages)  # DAQP put the multiplier on row 0
-    z.sum().backward()
-    assert torch.allclose(z[0], torch.tensor([1.0, 2.0]))
+    assert len(messages) == 1, messages
+    assert "active inequality constraints [0, 1] are linearly dependent (LICQ fails)" in messages[0]
+    assert "The derivative of outputs [0, 1] does not exist there" in messages[0]
+    assert "active set [0], active set [1] differ" in messages[0]
+    z[0, 1].backward(retain_graph=True)
     assert torch.allclose(p.grad, torch.tensor([0.0, -1.0]), atol=1e-12)
-    assert torch.allclose(h.grad, torch.tensor([0.5, 0.5, 0.0]), atol=1e-12)
+    assert torch.allclose(h.grad, torch.zeros(3), atol=1e-12)
+    p.grad = h.grad = None
+    z[0, 0].backward()
+    assert torch.allclose(z[0], torch.tensor([1.0, 2.0]))
+    assert torch.allclose(p.grad, torch.zeros(2), atol=1e-12)
+    assert torch.allclose(h.grad, torch.tensor([1.0, 0.0, 0.0]), atol=1e-12)  # one side: row 0 kept active
 
 
 def test_weakly_active_row_is_named():
-    """min (z-1)^2 s.t. z <= 1: slack and multiplier both zero; the one-sided derivative keeps it active."""
+    """min (z-1)^2 s.t. z <= 1: slack and multiplier both zero; dz/dh is 1 from below and 0 from above."""
     h = torch.tensor([1.0], requires_grad=True)
-    with pytest.warns(RuntimeWarning, match=re.escape("inequality rows [0] are weakly active")):
+    with pytest.warns(RuntimeWarning, match=re.escape("inequality constraints [0] are weakly active")):
         z = bbd.QPLayer()(torch.eye(1), torch.tensor([-1.0]), torch.eye(1), h, NONE, NONE)
     z.sum().backward()
     assert h.grad.item() == 1.0

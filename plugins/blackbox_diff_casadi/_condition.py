@@ -13,14 +13,14 @@ reverse mode. Two forms:
 
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 import numpy as np
 import torch
 
 from blackbox_diff import AbstractCondition
-from blackbox_diff.kkt import classify
+from blackbox_diff_casadi._active import settle
+from blackbox_diff_casadi._degenerate import casadi_degeneracy
 from blackbox_diff_casadi._kkt import KKTKernels
 
 __all__ = ["CasadiKKT", "CasadiSolution"]
@@ -105,8 +105,9 @@ class CasadiKKT(AbstractCondition):
     """KKT conditions of a CasADi NLP on the active set identified from slacks and multipliers."""
 
     raw_solution = True
-    # The residual is evaluated by CasADi inside a once-differentiable autograd.Function.
+    # The residual is evaluated by CasADi inside a once-differentiable autograd.Function (so no vmap).
     functional = False
+    vmappable = False
 
     def __init__(self, kernels: KKTKernels, *, adjoint: str = "sparse_lu", polish: bool = True) -> None:
         self.kernels, self.adjoint, self.polish = kernels, adjoint, polish
@@ -138,51 +139,37 @@ class CasadiKKT(AbstractCondition):
         out = np.nan_to_num(np.concatenate([F, viol, sign]), nan=np.inf)
         return torch.as_tensor(out, dtype=z.dtype, device=z.device)
 
+    def residual_scale(self, z: torch.Tensor, alo: torch.Tensor, aup: torch.Tensor, *params: Any) -> torch.Tensor:
+        """The size of the terms of each `certificate` component, exact from CasADi's sparse Jacobians:
+        |d2L/dx2||x| + |grad f| + |dc/dx^T||lam| + |d2L/dxdp||p| for stationarity, |dc/dx||x| + |dc/dp||p| +
+        |bounds| for constraint rows (|lam| where a multiplier is pinned), and for a multiplier's sign the
+        size a multiplier of that row must have to matter in stationarity."""
+        k = self.kernels
+        zn, lo, up, p = _np(z), _np(alo), _np(aup), _flat_params(params)
+        x, lam = zn[: k.n], zn[k.n :]
+        terms = k.at(zn, lo, up, p).terms(zn, p)
+        rows, norms, gf = k.row_sizes(x, p)
+        stat = terms[: k.n] + gf
+        top = stat.max(initial=0.0)
+        dual = np.where(norms > 0, top / np.where(norms > 0, norms, 1.0), 0.0)
+        held = (lo + up) > 0
+        out = np.concatenate([stat, np.where(held, rows, np.abs(lam)), rows, dual + np.abs(lam)])
+        return torch.as_tensor(np.nan_to_num(out, nan=0.0, posinf=0.0), dtype=z.dtype, device=z.device)
+
     def prepare(self, solution: Any, params: tuple[Any, ...], options: Any) -> tuple[torch.Tensor, tuple]:
+        """(z, (a_lo, a_up)): the answer on the active set it settles on, polished onto it (`_active`)."""
         k = self.kernels
         like = next((q for q in params if torch.is_tensor(q) and q.is_floating_point()), None)
         dtype = like.dtype if like is not None else torch.float64
         device = like.device if like is not None else torch.device("cpu")
         p = _flat_params(tuple(params))
         x, lam = np.asarray(solution.x, dtype=np.float64), np.asarray(solution.lam, dtype=np.float64)
-        alo, aup = active_set(k, x, lam, p, options.active_tol)
-        z = np.concatenate([x, np.where(alo + aup > 0, lam, 0.0)])
-        if self.polish:
-            z = k.polish(z, alo, aup, p)
+        z, alo, aup = settle(k, x, lam, p, options.active_tol, polish=self.polish)
         t = lambda a: torch.as_tensor(a, dtype=dtype, device=device)  # noqa: E731
         return t(z), (t(alo), t(aup))
 
-
-def active_set(kernels: KKTKernels, x: np.ndarray, lam: np.ndarray, p: np.ndarray, tol: float):
-    """Indicators (a_lo, a_up) of rows held at their lower / upper bound; equalities count as lower.
-
-    Decided by `bbd`'s `classify` from slack and multiplier together (IPOPT leaves ~1e-9 multipliers on
-    inactive rows, so a sign test alone would call everything active).
-    """
-    c, lb, ub = kernels.constraint_values(x, p)
-    eq = np.isfinite(lb) & (lb == ub)
-    with np.errstate(invalid="ignore"):
-        up, up_weak = classify(torch.as_tensor(c - ub), torch.as_tensor(np.maximum(lam, 0)), tol)
-        lo, lo_weak = classify(torch.as_tensor(lb - c), torch.as_tensor(np.maximum(-lam, 0)), tol)
-    up, lo = up.numpy() & np.isfinite(ub) & ~eq, lo.numpy() & np.isfinite(lb) & ~eq
-    both = up & lo  # only for lb ~= ub: keep the side the multiplier points to
-    up &= ~(both & (lam < 0))
-    lo &= ~(both & (lam >= 0))
-    # An interior-point answer at a weakly active row has slack and multiplier both ~ sqrt(barrier), far
-    # above active_tol: warn on sqrt(active_tol), whichever side `classify` chose.
-    loose = np.sqrt(tol)
-    with np.errstate(invalid="ignore"):
-        near = (np.maximum(ub - c, 0) <= loose) & (np.maximum(lam, 0) <= loose) & np.isfinite(ub)
-        near |= (np.maximum(c - lb, 0) <= loose) & (np.maximum(-lam, 0) <= loose) & np.isfinite(lb)
-    weak = (((up_weak.numpy() & up) | (lo_weak.numpy() & lo)) | near) & ~eq
-    if weak.any():
-        warnings.warn(
-            f"CasADi KKT: constraint rows {np.nonzero(weak)[0].tolist()} are weakly active (slack and multiplier "
-            f"both <= sqrt(active_tol)={loose:.3g}). The solution map is not differentiable there; the gradient "
-            f"returned treats rows {np.nonzero(weak & (up | lo))[0].tolist()} as active and the others as "
-            "inactive (a one-sided derivative).",
-            RuntimeWarning,
-            stacklevel=5,
-        )
-    alo = (lo | eq).astype(np.float64)
-    return alo, up.astype(np.float64)
+    def degeneracy(self, z: torch.Tensor, aux: tuple, params: tuple, options: Any) -> Any:
+        """The admissible active sets at a degenerate answer (`blackbox_diff_casadi._degenerate`)."""
+        alo, aup = aux
+        return casadi_degeneracy(self.kernels, _np(z), _np(alo), _np(aup), _flat_params(tuple(params)),
+                                 options.active_tol, z)

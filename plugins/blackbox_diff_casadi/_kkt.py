@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import collections
 import threading
-import warnings
 from typing import Any
 
 import numpy as np
@@ -56,7 +55,6 @@ class KKTKernels:
         c = ca.vertcat(g, xb)
         lb = ca.vertcat(lbg, ca.DM(nlp.lbx[nlp.bounded_x]))
         ub = ca.vertcat(ubg, ca.DM(nlp.ubx[nlp.bounded_x]))
-        self.constraints = ca.Function("c", [x, p], [c, lb, ub])
         finite = lambda b: ca.if_else(ca.fabs(b) < ca.inf, b, 0)  # noqa: E731 - 0*inf would poison rows
         a = alo + aup
         stat = ca.gradient(f + ca.dot(a * lam, c), x)
@@ -79,6 +77,13 @@ class KKTKernels:
         # so carrying its nonzeros makes the backward's parameter VJP a scatter-add instead of a CasADi call.
         self.point = ca.Function("point", args, [F, nz(K), c, lb, ub, nz(Jp)])
         self.vjp = ca.Function("vjp", [*args, w], [ca.jtimes(F, z, w, True), ca.jtimes(F, p, w, True)])
+        # Sizes of the terms of the constraint rows and of grad f (certification, active-set tolerances), and
+        # the dense gradient and constraint Jacobian a degenerate point's active sets are examined with.
+        Jc, gf = ca.jacobian(c, x), ca.gradient(f, x)
+        row_terms = ca.mtimes(ca.fabs(Jc), ca.fabs(x)) + ca.mtimes(ca.fabs(ca.jacobian(c, p)), ca.fabs(p))
+        row_norms = ca.mtimes(ca.fabs(Jc), ca.DM.ones(n, 1))
+        self.primal = ca.Function("primal", [x, p], [c, lb, ub, row_terms, row_norms, ca.fabs(gf)])
+        self.dense = ca.Function("dense", [x, p], [gf, Jc])
         self._cache: collections.OrderedDict = collections.OrderedDict()
         self._lock = threading.Lock()
 
@@ -114,9 +119,22 @@ class KKTKernels:
     def kkt_matrix(self, z, alo, aup, p):
         return self.at(z, alo, aup, p).matrix()
 
+    def _primal(self, x: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, ...]:
+        """(c, lb, ub, row terms, row norms, |grad f|) at x, cached by value (the active-set iteration, the
+        degeneracy check and certification all come back to the same x)."""
+        key = ("primal", x.tobytes(), p.tobytes())
+        with self._lock:
+            hit = self._cache.get(key)
+        if hit is None:
+            hit = tuple(v.full().reshape(-1) for v in self.primal(x, p))
+            with self._lock:
+                self._cache[key] = hit
+                if len(self._cache) > _CACHE_SIZE:
+                    self._cache.popitem(last=False)
+        return hit
+
     def constraint_values(self, x: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        c, lb, ub = self.constraints(x, p)
-        return (c.full().reshape(-1), lb.full().reshape(-1), ub.full().reshape(-1))
+        return self._primal(x, p)[:3]
 
     def vjps(self, z, alo, aup, p, w) -> tuple[np.ndarray, np.ndarray]:
         jz, jp = self.vjp(*self._args(z, alo, aup, p), w)
@@ -126,58 +144,67 @@ class KKTKernels:
         """(dF/dp)^T w at the point."""
         return self.at(z, alo, aup, p).vjp_params(w)
 
-    def polish(self, z, alo, aup, p, steps: int = 2) -> np.ndarray:
-        """Newton steps on F(z) = 0 for the identified active set: moves an interior-point answer onto
-        its active constraints exactly, so that the IFT is applied at a KKT point, not near one."""
-        best = self.at(z, alo, aup, p)
-        best_z, best_err = z, best.error
+    def newton(self, z, alo, aup, p, steps: int = 6) -> tuple[np.ndarray, bool]:
+        """Newton steps on F(z) = 0 for the active set (alo, aup): moves an interior-point answer onto its
+        active constraints exactly, so that the IFT is applied at a KKT point, not near one. The Jacobian is
+        factored once, at the start (chord steps: the answer is close, and F is linear in the multipliers
+        and in the constraints' linear parts); the final point is factored when the residual needs it.
+
+        Returns:
+            (z, converged): the point with the smallest residual, and whether its residual is at round-off
+            relative to the size of F's terms (or, all terms ~0, reduced by 12 orders of magnitude).
+        """
+        first = self.at(z, alo, aup, p)
+        best, best_z, best_err = first, z, first.error
+        lu = first.lu
         for _ in range(steps):
-            if best_err < 1e-13 or best.lu is None:
+            if lu is None or best.converged(best_z, p):
                 break
-            trial_z = best_z - best.lu.solve(best.F)
+            step = lu.solve(best.F)
+            trial_z = best_z - step
+            # Entries that cancelled to round-off are zero: what is left is the subtraction's rounding, and a
+            # solution at 0 (with data 0 there) is otherwise never exact relative to its own terms.
+            trial_z[np.abs(trial_z) <= 16 * np.finfo(np.float64).eps * np.maximum(np.abs(best_z), np.abs(step))] = 0.0
             trial = self.at(trial_z, alo, aup, p)
-            if not trial.error < best_err or not self._consistent(trial, trial_z[self.n :], alo, aup):
+            if not trial.error < best_err:
                 break
             best, best_z, best_err = trial, trial_z, trial.error
-        return best_z
+        return best_z, lu is not None and (best.converged(best_z, p) or best_err <= 1e-12 * first.error)
 
-    @staticmethod
-    def _consistent(pt: Point, lam, alo, aup, tol: float = 1e-7) -> bool:
-        """The polished point keeps inactive rows feasible and active multipliers of the right sign."""
-        c, lb, ub = pt.c, pt.lb, pt.ub
-        free = (alo + aup) == 0
-        scale = 1.0 + np.abs(c)
-        feasible = np.all((c[free] <= ub[free] + tol * scale[free]) & (c[free] >= lb[free] - tol * scale[free]))
-        eq = lb == ub
-        signs = np.all(lam[(aup > 0)] >= -tol) and np.all(lam[(alo > 0) & ~eq] <= tol)
-        return bool(feasible and signs)
+    def row_sizes(self, x: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(|dc/dx||x| + |dc/dp||p| + |finite bounds|, row 1-norms of dc/dx, |grad f|) at x."""
+        _, lb, ub, terms, norms, gf = self._primal(x, p)
+        bounds = np.maximum(np.where(np.isfinite(lb), np.abs(lb), 0.0), np.where(np.isfinite(ub), np.abs(ub), 0.0))
+        return terms + bounds, norms, gf
+
+    def dense_jacobians(self, x: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(grad f, dc/dx) at x, dense."""
+        gf, Jc = self.dense(x, p)
+        return np.asarray(gf.full()).reshape(-1), np.asarray(Jc.full()).reshape(self.m, self.n)
 
 
 class Point:
     """F, the nonzeros of K and the constraint values at one point; the sparse LU is built on first use."""
 
-    __slots__ = ("F", "K", "c", "lb", "ub", "_pattern", "_Jp", "_p_pattern", "_lu", "_done", "_pinv")
+    __slots__ = ("F", "K", "c", "lb", "ub", "_pattern", "_Jp", "_p_pattern", "_lu", "_done", "_pinv", "_terms")
+
+    # A pivot of the equilibrated K below this fraction of the largest makes the point suspect of degeneracy
+    # (the KKT toolkit's rank test then decides); SuperLU does not fail on a numerically singular matrix.
+    PIVOT_RTOL = 1e-10
 
     def __init__(self, F, K, c, lb, ub, pattern, Jp, p_pattern) -> None:
         self.F, self.K, self.c, self.lb, self.ub, self._pattern = F, K, c, lb, ub, pattern
         self._Jp, self._p_pattern = Jp, p_pattern
-        self._lu, self._done, self._pinv = None, False, None
+        self._lu, self._done, self._pinv, self._terms = None, False, None, None
 
     def solve(self, b: np.ndarray, trans: str = "N") -> np.ndarray:
-        """K^{-1} b (or K^{-T} b) by the sparse LU; the minimum-norm least-squares solution, with a warning,
-        when K is singular (a degenerate active set, e.g. two identical active constraints)."""
+        """K^{-1} b (or K^{-T} b) by the sparse LU; the minimum-norm least-squares solution when K is
+        singular. Only a point no regular active set can state reaches the backward singular, and
+        `CasadiKKT.degeneracy` warns about it."""
         lu = self.lu
         if lu is not None:
             return lu.solve(b, trans=trans)
         if self._pinv is None:
-            warnings.warn(
-                "The KKT matrix of the CasADi problem is singular at the solution (degenerate active set, "
-                "dependent active constraints, or a non-isolated minimum). Used the minimum-norm least-squares "
-                "solution: the multipliers, and so the gradient, are not unique there. Remove redundant "
-                "constraints, or pass adjoint='engine' with ridge= to regularise.",
-                RuntimeWarning,
-                stacklevel=2,
-            )
             self._pinv = np.linalg.pinv(self.matrix().toarray())
         return (self._pinv.T if trans == "T" else self._pinv) @ b
 
@@ -190,6 +217,27 @@ class Point:
         err = np.abs(self.F).max(initial=0.0)
         return float(err) if np.isfinite(err) else np.inf
 
+    def terms(self, z: np.ndarray, p: np.ndarray) -> np.ndarray:
+        """|dF/dz||z| + |dF/dp||p| per component of F: the size of the terms it is made of (exact, sparse;
+        z and p are the point's own, so it is computed once)."""
+        if self._terms is None:
+            row, colind, shape = self._pattern
+            cols_k = np.repeat(np.arange(shape[1]), np.diff(colind))
+            out = np.bincount(row, weights=np.abs(self.K) * np.abs(z[cols_k]), minlength=shape[0])
+            rows, cols, _ = self._p_pattern
+            if rows.size:
+                out = out + np.bincount(rows, weights=np.abs(self._Jp) * np.abs(p[cols]), minlength=shape[0])
+            self._terms = out
+        return self._terms
+
+    def converged(self, z: np.ndarray, p: np.ndarray, rtol: float = 1e-11) -> bool:
+        """Every |F_i| at round-off relative to its terms (floor: rtol^(1/2) x the largest term)."""
+        if not np.all(np.isfinite(self.F)):
+            return False
+        terms = self.terms(z, p)
+        floor = np.sqrt(rtol) * terms.max(initial=0.0) + np.finfo(np.float64).tiny
+        return bool(np.all(np.abs(self.F) <= rtol * terms + floor * rtol))
+
     def matrix(self):
         from scipy.sparse import csc_matrix
 
@@ -198,12 +246,51 @@ class Point:
 
     @property
     def lu(self):
+        """A sparse LU of K (`_ScaledLU`), or None when K is singular: exactly (SuperLU fails) or numerically
+        (a pivot of the equilibrated D K D at round-off relative to the largest)."""
         if not self._done:
-            from scipy.sparse.linalg import splu
-
-            try:
-                self._lu = splu(self.matrix(), permc_spec="COLAMD")
-            except RuntimeError:  # exactly singular: the caller decides (error, or the engine's lstsq)
-                self._lu = None
-            self._done = True
+            row, colind, shape = self._pattern
+            self._lu, self._done = _ScaledLU.factor(self.K, row, colind, shape), True
         return self._lu
+
+    @property
+    def suspect(self) -> bool:
+        """K is singular or has a pivot of D K D below PIVOT_RTOL of the largest (possibly singular)."""
+        lu = self.lu
+        return lu is None or lu.pivot_ratio <= self.PIVOT_RTOL
+
+
+class _ScaledLU:
+    """SuperLU of the symmetrically equilibrated D K D (D = 1/sqrt of each row's largest entry), solving with
+    K itself: K^{-1} b = D (D K D)^{-1} D b. The pivots are judged on D K D, so that a problem in badly scaled
+    units (a Hessian ~1e10 beside constraint rows ~1) is not taken for a singular one."""
+
+    def __init__(self, lu, d: np.ndarray, pivot_ratio: float) -> None:
+        self._lu, self._d, self.pivot_ratio = lu, d, pivot_ratio
+
+    @classmethod
+    def factor(cls, values: np.ndarray, row: np.ndarray, colind: np.ndarray, shape) -> _ScaledLU | None:
+        """Factor the CSC matrix (values, row, colind) of the given shape, equilibrated."""
+        from scipy.sparse import csc_matrix
+        from scipy.sparse.linalg import splu
+
+        magnitude = np.abs(values)
+        top = np.zeros(shape[0])
+        np.maximum.at(top, row, magnitude)
+        d = 1.0 / np.sqrt(np.where(top > 0, top, 1.0))
+        col = np.repeat(np.arange(shape[1]), np.diff(colind))
+        try:
+            lu = splu(csc_matrix((values * d[row] * d[col], row, colind), shape=shape), permc_spec="COLAMD")
+        except RuntimeError:  # exactly singular: the caller decides (error, or the engine's lstsq)
+            return None
+        pivots = np.abs(lu.U.diagonal())
+        if pivots.size == 0:
+            return cls(lu, d, 1.0)
+        ratio = float(pivots.min() / pivots.max()) if pivots.max() > 0 else 0.0
+        if not ratio > pivots.size * np.finfo(np.float64).eps:  # numerically singular, as unusable
+            return None
+        return cls(lu, d, ratio)
+
+    def solve(self, b: np.ndarray, trans: str = "N") -> np.ndarray:
+        d = self._d if b.ndim == 1 else self._d[:, None]
+        return d * self._lu.solve(d * b, trans=trans)

@@ -2,23 +2,29 @@
 
 For  min 1/2 x^T P x + c^T x  s.t.  s = b - A x in K  with dual y in K*, the unknowns are z = (x, w):
 
-* zero cone rows (equalities): w = y, and the rows read  A x - b = 0;
-* non-negative rows: the active set is identified explicitly from slacks and multipliers together
-  (`bbd`'s `classify`); w = a*y and the rows read  a*(A x - b) + (1-a)*w = 0, so inactive multipliers
-  are pinned to zero and active rows hold with equality (the KKT system of the equality-constrained QP);
+* zero and non-negative rows (the polyhedral part): an indicator a says which rows are stated; the rows
+  read  a*(A x - b) + (1-a)*w = 0 with y = a*w, so unstated multipliers are pinned to zero and stated rows
+  hold with equality (the KKT system of the equality-constrained QP). Non-negative rows are stated when
+  active, identified explicitly from slacks and multipliers together (`blackbox_diff.kkt.classify`); zero
+  rows always, except an equality dropped as redundant at a degenerate point;
 * second-order, PSD, exponential and power cones: w = y - s (Moreau decomposition), y = Pi_K*(w),
   s = Pi_K(-w), and the rows read  A x + Pi_K(-w) - b = 0.  The SOC and PSD projections have closed forms
   that torch differentiates; the exponential one is numerical with an implicit derivative (`_expcone`),
   the power cone's a torch root-find whose last Newton step carries the derivative (`_powcone`).
 
 Stationarity closes the system:  P x + c + A^T y = 0.  The Jacobian dF/dz is the exact derivative of
-the solution map at the returned point (one-sided where a constraint is weakly active), so the adjoint
-solve reproduces the solution's derivative to the solver's accuracy.
+the solution map at the returned point, so the adjoint solve reproduces the solution's derivative to the
+solver's accuracy.
+
+Certification compares every component with the size of its own terms (`residual_scale`: |P||x| + |c| +
+|A^T||y| for stationarity, |A||x| + |b| (+ |s|) for rows). Degenerate answers (dependent active rows, a
+weakly active row, a singular KKT matrix) are reported to the engine by `degeneracy` with the admissible
+active sets of the polyhedral rows (`blackbox_diff_cvxpy._degenerate`); degeneracy inside SOC, PSD,
+exponential or power cones is not examined.
 """
 
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 import numpy as np
@@ -144,19 +150,6 @@ def _cone_jacobians(w: torch.Tensor, cones: ConeLayout) -> tuple[torch.Tensor, t
     return torch.block_diag(*dy), torch.block_diag(*ds)
 
 
-def _warn_weak(weak: torch.Tensor, tol: float) -> None:
-    if not bool(weak.any()):
-        return
-    idx = torch.nonzero(weak).flatten().tolist()[:10]
-    warnings.warn(
-        f"cvxpy backend: inequality rows {idx} of the cone program are weakly active (slack and multiplier "
-        f"both ~0, below active_tol={tol:g} after refinement). The solution map is not differentiable "
-        "there; the gradient returned keeps them active (one-sided derivative).",
-        RuntimeWarning,
-        stacklevel=7,
-    )
-
-
 class ConeCondition(AbstractCondition):
     """KKT conditions of the cvxpy problem's cone program (see the module docstring).
 
@@ -201,16 +194,17 @@ class ConeCondition(AbstractCondition):
 
     def _y_s(self, w: torch.Tensor, active: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         cones = self.program.cones
-        z0, start = cones.zero, cones.conic_start
+        start = cones.conic_start
         y_cone, s_cone = _cone_parts(w[..., start:], cones)
-        y = torch.cat([w[..., :z0], active * w[..., z0:start], y_cone], dim=-1)
+        y = torch.cat([active * w[..., :start], y_cone], dim=-1)
         return y, s_cone
 
     def _unpack(self, rest: tuple) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple, tuple]:
-        """rest = (active, LU, pivots, [data0, jac, theta0,] *params)."""
-        k = 6 if self.linearization else 3
+        """rest = (active, LU, pivots, status, [data0, jac, theta0,] *params); `active` covers the zero and
+        non-negative rows (1: stated), `status` is what the forward found (`_degenerate.REGULAR`, ...)."""
+        k = 7 if self.linearization else 4
         active, lu, piv = rest[:3]
-        return active, lu, piv, tuple(rest[3:k]), tuple(rest[k:])
+        return active, lu, piv, tuple(rest[4:k]), tuple(rest[k:])
 
     # --- the condition -------------------------------------------------------------------------------
     def raw_residual(self, z: torch.Tensor, active: torch.Tensor, data: tuple) -> torch.Tensor:
@@ -221,10 +215,9 @@ class ConeCondition(AbstractCondition):
         if P is not None:
             stationarity = stationarity + P @ x
         r = A @ x - b
-        cones = self.program.cones
-        z0, start = cones.zero, cones.conic_start
-        nonneg = active * r[z0:start] + (1 - active) * w[z0:start]
-        return torch.cat([stationarity, r[:z0], nonneg, r[start:] + s_cone])
+        start = self.program.cones.conic_start
+        polyhedral = active * r[:start] + (1 - active) * w[:start]
+        return torch.cat([stationarity, polyhedral, r[start:] + s_cone])
 
     def residual(self, z: torch.Tensor, *rest: Any) -> torch.Tensor:
         active, lu, piv, extra, params = self._unpack(rest)
@@ -234,45 +227,71 @@ class ConeCondition(AbstractCondition):
         return torch.linalg.lu_solve(lu, piv, F.unsqueeze(-1)).squeeze(-1)
 
     def _feasibility(self, z: torch.Tensor, active: torch.Tensor, data: tuple) -> torch.Tensor:
+        """Dropped equalities hold, inactive rows are feasible (slack >= 0), active multipliers y >= 0."""
         _, _, A, b = data
         x, w = self._split(z)
         cones = self.program.cones
         z0, start = cones.zero, cones.conic_start
-        slack = (b - A @ x)[z0:start]
-        return torch.cat([(1 - active) * torch.relu(-slack), active * torch.relu(-w[z0:start])])
+        r = (A @ x - b)[:start]
+        a = active[z0:]
+        return torch.cat([(1 - active[:z0]) * r[:z0], (1 - a) * torch.relu(r[z0:]), a * torch.relu(-w[z0:start])])
 
     def certificate(self, z: torch.Tensor, *rest: Any) -> torch.Tensor:
-        """Raw residual F, plus feasibility of inactive rows (slack >= 0) and active multipliers (y >= 0)."""
+        """Raw residual F, plus feasibility of dropped equalities and inactive rows (slack >= 0) and the
+        signs of active multipliers (y >= 0)."""
         active, _, _, extra, params = self._unpack(rest)
         data = self._data(extra, params)
         return torch.cat([self.raw_residual(z, active, data), self._feasibility(z, active, data)])
+
+    def residual_scale(self, z: torch.Tensor, *rest: Any) -> torch.Tensor:
+        """The size of the terms of each `certificate` component: |P||x| + |c| + |A^T||y| for stationarity,
+        |A||x| + |b| (+ |s| for conic rows) for rows, |w| for pinned multipliers, and for a multiplier's sign
+        the size a multiplier of that row must have to matter in stationarity (the largest stationarity term
+        over the row's 1-norm)."""
+        active, _, _, extra, params = self._unpack(rest)
+        P, c, A, b = self._data(extra, params)
+        x, w = self._split(z)
+        y, s_cone = self._y_s(w, active)
+        cones = self.program.cones
+        z0, start = cones.zero, cones.conic_start
+        Aa, ax = A.abs(), x.abs()
+        stat = Aa.mT @ y.abs() + c.abs() + (P.abs() @ ax if P is not None else 0.0)
+        rows = Aa @ ax + b.abs()
+        polyhedral = active * rows[:start] + (1 - active) * w[:start].abs()
+        top = stat.amax(dim=-1, keepdim=True)
+        dual = top / Aa[z0:start].sum(dim=-1).clamp_min(torch.finfo(z.dtype).tiny)
+        return torch.cat([stat, polyhedral, rows[start:] + s_cone.abs(), rows[:start], dual + w[z0:start].abs()])
 
     def jacobian(self, z: torch.Tensor, active: torch.Tensor, data: tuple) -> torch.Tensor:
         """dF/dz assembled from the data: [[P, A^T Dy], [rows of A, Ds]] (dense, one instance)."""
         P, _, A, _ = data
         n, m = self.program.n, A.shape[0]
         cones = self.program.cones
-        z0, start = cones.zero, cones.conic_start
+        start = cones.conic_start
         _, w = self._split(z)
         dy_cone, ds_cone = _cone_jacobians(w[start:], cones)
         Dy = A.new_zeros(m, m)
-        Dy[:z0, :z0] = torch.eye(z0, dtype=A.dtype, device=A.device)
-        Dy[z0:start, z0:start] = torch.diag(active)
+        Dy[:start, :start] = torch.diag(active)
         Dy[start:, start:] = dy_cone
         J = A.new_zeros(n + m, n + m)
         if P is not None:
             J[:n, :n] = P
         J[:n, n:] = A.mT @ Dy
         rows = A.clone()
-        rows[z0:start] = active[:, None] * A[z0:start]
+        rows[:start] = active[:, None] * A[:start]
         J[n:, :n] = rows
-        J[n + z0 : n + start, n + z0 : n + start] = torch.diag(1 - active)
+        J[n : n + start, n : n + start] = torch.diag(1 - active)
         J[n + start :, n + start :] = ds_cone
         return J
 
     # --- answer -> unknowns -> outputs ------------------------------------------------------------
     def prepare(self, solution: Any, params: tuple, options: Any) -> tuple[torch.Tensor, tuple]:
+        """(z, aux): the answer refined on its active set (LP/QP exactly, in numpy; other cones by Newton
+        steps), with aux = (active, LU and pivots of J (empty when not preconditioned or singular), status,
+        *extra); `status` says whether the forward verified the point regular (see `_degenerate`)."""
         from blackbox_diff.kkt import classify
+
+        from ._degenerate import REGULAR, SINGULAR, UNCHECKED, WEAK
 
         answer, extra = (solution, ()) if not isinstance(solution, tuple) else (solution[0], solution[1:])
         like = next((p for p in params if torch.is_tensor(p) and p.is_floating_point()), None)
@@ -287,34 +306,34 @@ class ConeCondition(AbstractCondition):
         z0, start = cones.zero, cones.conic_start
         y, s = tensor(answer.y), tensor(answer.s)
         active, weak = classify(-s[z0:start], y[z0:start], options.active_tol)
-        a = active.to(dtype)
+        a = torch.cat([torch.ones(z0, dtype=dtype, device=device), active.to(dtype)])
         x = tensor(answer.x)
         none = (torch.zeros(0, 0, dtype=dtype, device=device), torch.zeros(0, dtype=torch.int32, device=device))
-        if not self.refine or (not self.dense and cones.nonlinear):
-            z = torch.cat([x, y[:z0], a * y[z0:start], y[start:] - s[start:]])
-            _warn_weak(weak, options.active_tol)
-            if not self.precondition:
-                return z, (a, *none, *extra)
+
+        def out(z, act, factors, status):
+            return z, (act, *factors, tensor([status]), *extra)
+
+        unrefined = torch.cat([x, a * y[:start], y[start:] - s[start:]])
+        if (not self.refine or (not self.dense and cones.nonlinear)) and not (self.precondition and self.dense):
+            return out(unrefined, a, none, UNCHECKED)  # nothing factored: degeneracy() asks the toolkit
         if self.refine and not cones.nonlinear and getattr(answer, "data", None) is not None:
             fast = polyhedral_refine(answer.data, np.asarray(answer.x, dtype=np.float64),
                                       np.asarray(answer.y, dtype=np.float64), np.asarray(answer.s, dtype=np.float64),
                                       z0, cones.nonneg, options.active_tol, dense=self.dense)
             if fast is not None:
                 z, a_np, lu, piv, refined_weak = fast
-                _warn_weak(torch.as_tensor(refined_weak), options.active_tol)
                 factors = none
                 if lu is not None and self.precondition:
                     factors = (tensor(lu), torch.as_tensor(piv, device=device))
-                return tensor(z), (tensor(a_np), *factors, *extra)
+                a_full = np.concatenate([np.ones(z0), a_np])
+                return out(tensor(z), tensor(a_full), factors, WEAK if refined_weak.any() else REGULAR)
         if not self.dense:  # no dense Jacobian for large systems: the answer as the solver gave it
-            z = torch.cat([x, y[:z0], a * y[z0:start], y[start:] - s[start:]])
-            _warn_weak(weak, options.active_tol)
-            return z, (a, *none, *extra)
+            return out(unrefined, a, none, UNCHECKED)
         with torch.no_grad():
             data = self._data(extra, tuple(p.detach() for p in params))
-            z, a, lu, piv, refined_weak = self._factor_and_refine(x, y, s, a, data, options.active_tol)
-        _warn_weak(weak if refined_weak is None else refined_weak, options.active_tol)
-        return z, (a, lu, piv, *extra)
+            z, a, lu, piv, refined_weak, regular = self._factor_and_refine(x, y, s, a, data, options.active_tol)
+        weak = weak if refined_weak is None else refined_weak
+        return out(z, a, (lu, piv), WEAK if bool(weak.any()) and regular else REGULAR if regular else SINGULAR)
 
     def _factor_and_refine(self, x, y, s, a, data, tol: float, max_swaps: int = 4):
         """LU of J at the answer and (optionally) Newton steps on the active set.
@@ -324,20 +343,24 @@ class ConeCondition(AbstractCondition):
         or an active row with a negative multiplier, the set is corrected and the step retried (a
         primal-dual active-set iteration started at the solver's answer); the refined point is kept only
         when it is feasible and its residual is smaller than the answer's.
+
+        Returns:
+            (z, a, LU, pivots, weak rows (None: the answer's own), whether J was factored (regular)).
         """
+        from ._refine import regular_lu
+
         cones = self.program.cones
         z0, start = cones.zero, cones.conic_start
-        identity = (x.new_zeros(0, 0), torch.zeros(0, dtype=torch.int32, device=x.device))
+        identity = (x.new_zeros(0, 0), torch.zeros(0, dtype=torch.int32, device=x.device))  # not preconditioned
 
         def unknowns(act):
-            return torch.cat([x, y[:z0], act * y[z0:start], y[start:] - s[start:]])
+            return torch.cat([x, act * y[:start], y[start:] - s[start:]])
 
         def size(v, act):
             return float(torch.cat([self.raw_residual(v, act, data), self._feasibility(v, act, data)]).abs().max())
 
         def factor(v, act):
-            lu, piv, info = torch.linalg.lu_factor_ex(self.jacobian(v, act, data))
-            return (lu, piv) if int(info) == 0 and bool(torch.isfinite(lu).all()) else None
+            return regular_lu(self.jacobian(v, act, data))
 
         z = unknowns(a)
         best = (z, a, factor(z, a), None)
@@ -346,6 +369,7 @@ class ConeCondition(AbstractCondition):
             scale = tol * (1.0 + float(z.abs().max()))
             act = a
             weak_pass = False
+            n = self.program.n
             for _ in range(max_swaps + 2):
                 zs = unknowns(act)
                 fac = factor(zs, act)
@@ -354,30 +378,38 @@ class ConeCondition(AbstractCondition):
                 z_new = zs - torch.linalg.lu_solve(*fac, self.raw_residual(zs, act, data).unsqueeze(-1)).squeeze(-1)
                 if not bool(torch.isfinite(z_new).all()):
                     break
-                slack = (data[3] - data[2] @ z_new[: self.program.n])[z0:start]
-                mult = z_new[self.program.n + z0 : self.program.n + start]
-                flip_on = (act == 0) & (slack < -scale)
-                flip_off = (act == 1) & (mult < -scale)
+                slack = (data[3] - data[2] @ z_new[:n])[z0:start]
+                mult = z_new[n + z0 : n + start]
+                on = act[z0:]
+                flip_on = (on == 0) & (slack < -scale)
+                flip_off = (on == 1) & (mult < -scale)
                 if not bool(flip_on.any() or flip_off.any()):
                     if cones.nonlinear:
                         z_new, fac = self._newton(z_new, act, data, fac, size, factor)
                     if size(z_new, act) < base:
-                        weak = ((act == 0) & (slack <= scale)) | ((act == 1) & (mult <= scale))
+                        weak = ((on == 0) & (slack <= scale)) | ((on == 1) & (mult <= scale))
                         best = (z_new, act, fac, weak)
-                        if bool(((act == 0) & (slack <= scale)).any()) and not weak_pass:
+                        if bool(((on == 0) & (slack <= scale)).any()) and not weak_pass:
                             # Weakly active rows taken as inactive: take them as active instead (the
-                            # solution is the same; the derivative is the one that keeps them active).
-                            act = torch.where((act == 0) & (slack <= scale), torch.ones_like(act), act)
+                            # solution is the same; the engine compares both sides of them).
+                            act = act.clone()
+                            act[z0:] = torch.where((on == 0) & (slack <= scale), torch.ones_like(on), on)
                             weak_pass = True
                             continue
                     break
-                act = torch.where(flip_on, torch.ones_like(act), torch.where(flip_off, torch.zeros_like(act), act))
+                act = act.clone()
+                act[z0:] = torch.where(flip_on, torch.ones_like(on), torch.where(flip_off, torch.zeros_like(on), on))
         z, a, fac, weak = best
-        if fac is None or not self.precondition:
-            # Singular KKT matrix (degenerate problem) or no preconditioning: the engine's own adjoint
-            # solvers take the raw system (escalating to dense and least squares when needed).
-            return z, a, *identity, weak
-        return z, a, *fac, weak
+        if not self.precondition:
+            return z, a, *identity, weak, fac is not None
+        if fac is None:
+            # Singular KKT matrix (degenerate problem): the identity as "LU", i.e. the raw F, so that every
+            # instance of a batch has aux of one shape; `degeneracy` states the point on a regular active
+            # set where there is one, else the engine's adjoint solvers escalate to least squares.
+            N = z.numel()
+            eye = torch.eye(N, dtype=z.dtype, device=z.device)
+            return z, a, eye, torch.arange(1, N + 1, dtype=torch.int32, device=z.device), weak, False
+        return z, a, *fac, weak, True
 
     def _newton(self, z, act, data, fac, size, factor, steps: int = 6):
         """Semismooth Newton steps on the (nonlinear) cone rows, while the residual keeps decreasing."""
@@ -396,6 +428,12 @@ class ConeCondition(AbstractCondition):
             if current < 1e-14 * (1.0 + float(z.abs().max())):
                 break
         return z, factor(z, act) or fac
+
+    def degeneracy(self, z: torch.Tensor, aux: tuple, params: tuple, options: Any) -> Any:
+        """The admissible active sets of the polyhedral rows at a degenerate answer (`_degenerate`)."""
+        from ._degenerate import cone_degeneracy
+
+        return cone_degeneracy(self, z, aux, params, options)
 
     def finish(self, z: torch.Tensor, aux: tuple, options: Any) -> Any:
         """x, or [x, y] when dual variables are among the outputs (y = Pi_K*(w): a torch expression of the

@@ -7,9 +7,44 @@ import scipy.sparse as sps
 import scipy.sparse.linalg as spla
 import torch
 
-__all__ = ["polyhedral_refine"]
+__all__ = ["lu_regular", "polyhedral_refine", "regular_lu"]
 
 
+def lu_regular(lu: torch.Tensor) -> bool:
+    """Whether an LU factorisation (partial pivoting) of an equilibrated matrix shows it regular: finite,
+    and no pivot below N eps times the largest. A singular KKT matrix (dependent active rows) factors
+    without error but with a pivot at round-off level, and solving with it would return garbage."""
+    d = torch.diagonal(lu, dim1=-2, dim2=-1).abs()
+    if d.numel() == 0:
+        return True
+    top = float(d.max())
+    return bool(torch.isfinite(lu).all()) and float(d.min()) > d.numel() * torch.finfo(lu.dtype).eps * top
+
+
+def regular_lu(J: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(LU, pivots) of J as torch.linalg.lu_factor gives them, or None when J is numerically singular.
+
+    The pivots are judged on the equilibrated R J C (rows, then columns, scaled to a largest entry of 1), so
+    that a problem in badly scaled units is not taken for a singular one; the factors are then unscaled
+    into an LU of J itself with the same row pivots: R J C = P L U gives J = P (Rp^-1 L Rp)(Rp^-1 U C^-1),
+    Rp the row scaling in pivoted order, the first factor unit lower triangular."""
+    if J.shape[-1] == 0:
+        return J.clone(), torch.zeros(0, dtype=torch.int32, device=J.device)
+    top = J.abs().amax(dim=1)
+    r = 1.0 / torch.where(top > 0, top, torch.ones_like(top))
+    Jr = r[:, None] * J
+    top = Jr.abs().amax(dim=0)
+    c = 1.0 / torch.where(top > 0, top, torch.ones_like(top))
+    lu, piv, info = torch.linalg.lu_factor_ex(Jr * c)
+    if int(info) != 0 or not lu_regular(lu):
+        return None
+    perm = torch.arange(J.shape[0], device=J.device)
+    for i, p in enumerate((piv - 1).tolist()):  # LAPACK's sequential row swaps -> the permutation
+        perm[[i, p]] = perm[[p, i]]
+    rp = r[perm]
+    lower = torch.tril(lu, -1) * (rp[None, :] / rp[:, None])
+    upper = torch.triu(lu) / rp[:, None] / c[None, :]
+    return lower + upper, piv
 def polyhedral_refine(data, x, y, s, z0: int, nn: int, tol: float, dense: bool = True, max_swaps: int = 4):
     """The LP/QP case in numpy: active set from slacks and multipliers, exact solve on it, LU of J.
 
@@ -21,7 +56,8 @@ def polyhedral_refine(data, x, y, s, z0: int, nn: int, tol: float, dense: bool =
         (z, a, lu, pivots, weak) as numpy arrays (LAPACK LU and 1-based int32 pivots, as
         torch.linalg.lu_factor gives them; both None when `dense` is False: large systems are factored
         sparse and the engine's Krylov solver takes the adjoint), or None when J is singular or the
-        refined point is not better than the solver's.
+        refined point is not better than the solver's (the caller then takes the solver's answer and asks
+        the KKT toolkit whether it is degenerate).
     """
 
     P, c, A, b = data
@@ -57,9 +93,10 @@ def polyhedral_refine(data, x, y, s, z0: int, nn: int, tol: float, dense: bool =
             J[n + z0 :, n + z0 :] = np.diag(1 - a)
             # torch's LAPACK, not scipy's: it honours torch.set_num_threads, and scipy's threaded OpenBLAS
             # was 15x slower on a loaded 2-core machine for a 450 x 450 factorisation.
-            lu_t, piv_t, info = torch.linalg.lu_factor_ex(torch.from_numpy(J))
-            if int(info) != 0 or not bool(torch.isfinite(lu_t).all()):
+            factors = regular_lu(torch.from_numpy(J))
+            if factors is None:
                 return None
+            lu_t, piv_t = factors
             z = torch.linalg.lu_solve(lu_t, piv_t, torch.from_numpy(rhs)[:, None])[:, 0].numpy()
             lu, piv = lu_t.numpy(), piv_t.numpy()
         else:

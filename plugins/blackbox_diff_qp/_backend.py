@@ -102,7 +102,7 @@ class QPBackend(AbstractBackend):
         dense = n + m + pe <= opts.dense_max
         return Compiled(
             solve=QPSolve(opts, dense),
-            condition=QPCondition(n, m, pe, precondition=dense),
+            condition=QPCondition(n, m, pe, precondition=dense, active_tol=opts.active_tol),
             parameter_shapes=[(n, n), (n,), (m, n), (m,), (pe, n), (pe,)],
             variable_shapes=[(n,)],
             outputs=_outputs,

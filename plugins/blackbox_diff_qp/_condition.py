@@ -1,31 +1,31 @@
-"""The optimality condition of a QP, preconditioned by the LU of its reduced KKT matrix.
+"""The optimality condition of a QP, preconditioned by the inverse of its reduced KKT matrix.
 
-Unknowns z = (x, nu, lam) with lam pinned to zero off the active set S (a 0/1 indicator `a`):
+Unknowns z = (x, nu, lam) with lam pinned to zero off the active set S (a 0/1 indicator `a`) and nu pinned
+to zero on equalities dropped at a degenerate point (a 0/1 indicator `kept`, all ones otherwise):
 
-    F(z; Q, p, G, h, A, b) = [ Q x + p + A^T nu + G^T (a*lam) ;  A x - b ;  a*(G x - h) + (1-a)*lam ].
+    F(z; Q, p, G, h, A, b) = [ Q x + p + A^T (kept*nu) + G^T (a*lam) ;
+                               kept*(A x - b) + (1-kept)*nu ;  a*(G x - h) + (1-a)*lam ].
 
 F is the explicit-active-set KKT residual (as `bbd.KKT` states it), linear in z, with the symmetric
-Jacobian K = dF/dz. After a symmetric permutation that puts the active multipliers before the inactive
-ones, K = blockdiag(K_S, I), and the black box has already inverted K_S (`_kkt.factor`). The residual
-handed to the engine is
+Jacobian K = dF/dz. After a symmetric permutation that puts the kept multipliers before the pinned ones,
+K = blockdiag(K_S, I), and the black box has already inverted K_S (`_kkt.factor`). The residual handed to
+the engine is
 
-    R(z; theta) = K0^{-1} F(z; theta),   K0 = K at the answer (a constant: its factors are aux data),
+    R(z; theta) = K0^{-1} F(z; theta),   K0 = K at the answer (a constant: its inverse is aux data),
 
 which vanishes exactly where F does, has dR/dz = I at the answer (structure "identity": the engine's
 adjoint is the cotangent itself, checked by one product) and dR/dtheta = K0^{-1} dF/dtheta, the implicit
 function theorem's. So the backward is one batched vector-matrix product with K0^{-1} and one with
 dF/dtheta (outer products with x and the multipliers); no per-instance Python loop and no factorisation.
-Because R is an honest function of z and theta (K0 is constant, F is torch), forward mode and higher
-derivatives through the engine see the true dependence.
 
-A degenerate instance (K_S singular: LICQ fails or the solution is not unique) gets K0 = I, i.e. the raw
-F: the engine's identity check fails there and escalates (GMRES, then dense least squares), which gives
-the minimum-norm adjoint, and the instance is flagged with the rows concerned.
+Certification compares each component of F (and of the sign conditions) with the size of its own terms,
+given exactly by `residual_scale`. A degenerate instance (dependent active rows, a weakly active row, or
+K_S singular) is reported to the engine by `degeneracy` with its admissible active sets, each with its own
+exact point and inverse (`blackbox_diff_qp._degenerate`).
 """
 
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 import numpy as np
@@ -33,17 +33,25 @@ import torch
 
 from blackbox_diff import AbstractCondition, KKTSolution
 
-__all__ = ["QPCondition"]
+__all__ = ["QPCondition", "REGULAR", "SINGULAR", "WEAK"]
+
+# What the forward found about an answer (the `status` aux entry): degeneracy() looks further only when
+# it is not REGULAR, so a regular instance costs nothing there.
+REGULAR, WEAK, SINGULAR = 0.0, 1.0, 2.0
 
 
 class QPCondition(AbstractCondition):
-    """KKT conditions of min 1/2 x^T Q x + p^T x s.t. Gx <= h, Ax = b on the identified active set."""
+    """KKT conditions of min 1/2 x^T Q x + p^T x s.t. Gx <= h, Ax = b on the identified active set.
+
+    aux per instance: (active (m,), kept (p,), status (1,)[, K0^{-1} (N, N) when preconditioned]).
+    """
 
     raw_solution = True
 
-    def __init__(self, n: int, n_ineq: int, n_eq: int, *, precondition: bool = True) -> None:
+    def __init__(self, n: int, n_ineq: int, n_eq: int, *, precondition: bool = True, active_tol: float = 1e-7) -> None:
         self.n, self.m, self.p = n, n_ineq, n_eq
         self.precondition = precondition
+        self.active_tol = active_tol
         self.structure = "identity" if precondition else "symmetric"
 
     def describe(self) -> str:
@@ -54,94 +62,93 @@ class QPCondition(AbstractCondition):
         n, p = self.n, self.p
         return z[..., :n], z[..., n : n + p], z[..., n + p :]
 
-    def raw_residual(self, z, active, Q, p, G, h, A, b) -> torch.Tensor:
+    def unpack(self, rest: tuple) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, tuple]:
+        """rest = (active, kept, status[, inverse], Q, p, G, h, A, b)."""
+        k = 4 if self.precondition else 3
+        inverse = rest[3] if self.precondition else None
+        return rest[0], rest[1], rest[2], inverse, tuple(rest[k:])
+
+    def raw_residual(self, z, active, kept, Q, p, G, h, A, b) -> torch.Tensor:
         x, nu, lam = self.split(z)
         # Row-vector products (v @ M, v @ M.mT), never M @ v: under vmap the latter is a batched
         # matrix-vector bmm, which torch runs 3-5x slower on CPU than the batched vector-matrix one.
         # The symmetric part of Q (the QP only sees it): one product with x, and for a Q shared by the batch
         # the symmetrisation runs once, outside vmap's batching.
-        stationarity = x @ (0.5 * (Q + Q.mT)) + p + nu @ A + (active * lam) @ G
-        return torch.cat([stationarity, x @ A.mT - b, active * (x @ G.mT - h) + (1 - active) * lam])
+        stationarity = x @ (0.5 * (Q + Q.mT)) + p + (kept * nu) @ A + (active * lam) @ G
+        equalities = kept * (x @ A.mT - b) + (1 - kept) * nu
+        return torch.cat([stationarity, equalities, active * (x @ G.mT - h) + (1 - active) * lam])
 
-    def residual(self, z: torch.Tensor, active: torch.Tensor, *rest: Any) -> torch.Tensor:
-        if not self.precondition:
-            return self.raw_residual(z, active, *rest)
-        inverse, *params = rest
+    def residual(self, z: torch.Tensor, *rest: Any) -> torch.Tensor:
+        active, kept, _, inverse, params = self.unpack(rest)
+        F = self.raw_residual(z, active, kept, *params)
         # K0^{-1} F as F @ K0^{-1} (K0 symmetric): a vector-matrix product in both directions of autograd.
-        return self.raw_residual(z, active, *params) @ inverse
+        return F if inverse is None else F @ inverse
 
-    def certificate(self, z: torch.Tensor, active: torch.Tensor, *rest: Any) -> torch.Tensor:
-        """F and the sign conditions, each component relative to the size of its terms, in float64."""
-        Q, p, G, h, A, b = (t.to(torch.float64) for t in (rest[1:] if self.precondition else rest))
-        z, a = z.to(torch.float64), active.to(torch.float64)
+    def certificate(self, z: torch.Tensor, *rest: Any) -> torch.Tensor:
+        """F, the feasibility of inactive rows and dropped equalities, and the signs of active multipliers."""
+        active, kept, _, _, params = self.unpack(rest)
+        Q, p, G, h, A, b = params
+        x, _, lam = self.split(z)
+        F = self.raw_residual(z, active, kept, Q, p, G, h, A, b)
+        return torch.cat([F, (1 - active) * torch.relu(x @ G.mT - h), active * torch.relu(-lam),
+                          (1 - kept) * (x @ A.mT - b)])
+
+    def residual_scale(self, z: torch.Tensor, *rest: Any) -> torch.Tensor:
+        """The size of the terms of each `certificate` component: |Q||x| + |p| + |A^T||nu| + |G^T||lam| for
+        stationarity, |A||x| + |b| and |G||x| + |h| for constraint rows, |lam| for pinned multipliers, and for
+        a multiplier's sign the size a multiplier of that row must have to matter in stationarity."""
+        active, kept, _, _, params = self.unpack(rest)
+        Q, p, G, h, A, b = params
         x, nu, lam = self.split(z)
-        Qs = 0.5 * (Q + Q.mT)
-        F = self.raw_residual(z, a, Qs, p, G, h, A, b)
-        n, pe = self.n, self.p
-        stat_scale = 1 + Qs.abs() @ x.abs() + p.abs() + A.abs().mT @ nu.abs() + G.abs().mT @ (a * lam).abs()
-        row = 1 + G.abs() @ x.abs() + h.abs()
-        lam_scale = 1 + (lam.abs().amax() if self.m else lam.new_zeros(()))
-        scaled = torch.cat([F[:n] / stat_scale, F[n : n + pe] / (1 + A.abs() @ x.abs() + b.abs()),
-                            a * F[n + pe :] / row + (1 - a) * F[n + pe :] / lam_scale])
-        feasibility = torch.cat([(1 - a) * torch.relu(G @ x - h) / row, a * torch.relu(-lam) / lam_scale])
-        return torch.cat([scaled, feasibility])
+        ax, anu, alam = x.abs(), (kept * nu).abs(), (active * lam).abs()
+        Qa, Ga, Aa = (0.5 * (Q + Q.mT)).abs(), G.abs(), A.abs()
+        stat = ax @ Qa + p.abs() + anu @ Aa + alam @ Ga
+        eq_terms = ax @ Aa.mT + b.abs()
+        row_terms = ax @ Ga.mT + h.abs()
+        # A multiplier error d on row i moves stationarity by |G_i| d: it matters beside terms of size stat.
+        dual = stat.amax(dim=-1, keepdim=True) / Ga.amax(dim=-1).clamp_min(torch.finfo(Ga.dtype).tiny)
+        return torch.cat([stat, kept * eq_terms + (1 - kept) * nu.abs(),
+                          active * row_terms + (1 - active) * lam.abs(), row_terms, dual + lam.abs(), eq_terms])
 
     # --- answer -> unknowns -> outputs ------------------------------------------------------------
     def prepare(self, solution: Any, params: tuple, options: Any) -> tuple[torch.Tensor, tuple]:
         like = next((q for q in params if torch.is_tensor(q) and q.is_floating_point()), None)
         dtype = like.dtype if like is not None else torch.float64
         device = like.device if like is not None else torch.device("cpu")
-        _warn(solution, self.m)
         active = np.asarray(solution.active, dtype=bool)
         z = np.concatenate([solution.x, solution.eq, np.where(active, solution.ineq, 0.0)])
-        a = torch.as_tensor(active.astype(np.float64)).to(dtype=dtype, device=device)
-        z_t = torch.as_tensor(z).to(dtype=dtype, device=device)
-        if not self.precondition:
-            return z_t, (a,)
-        inverse = torch.as_tensor(self._full_inverse(solution, active)).to(dtype=dtype, device=device)
-        return z_t, (a, inverse)
+        status = SINGULAR if solution.singular else WEAK if np.any(solution.weak) else REGULAR
 
-    def _full_inverse(self, solution: Any, active: np.ndarray) -> np.ndarray:
-        """K0^{-1} in the unknowns' order: K_S^{-1} on (x, nu, lam_S), the identity on the inactive lam."""
+        def tensor(a: Any) -> torch.Tensor:
+            return torch.as_tensor(np.asarray(a, dtype=np.float64)).to(dtype=dtype, device=device)
+
+        aux = (tensor(active), tensor(np.ones(self.p)), tensor([status]))
+        if self.precondition:
+            aux += (tensor(self.full_inverse(solution.kkt_inverse, active, np.ones(self.p, dtype=bool))),)
+        return tensor(z), aux
+
+    def full_inverse(self, inverse: np.ndarray | None, active: np.ndarray, kept: np.ndarray) -> np.ndarray:
+        """K0^{-1} in the unknowns' order: K_S^{-1} on (x, kept nu, lam_S), the identity on pinned multipliers.
+        No K_S^{-1} (singular): the identity, i.e. the raw F (the engine's adjoint escalates on it)."""
         N = self.n + self.p + self.m
         out = np.eye(N)
-        if solution.kkt_inverse is None:  # degenerate: K0 = I, the raw F (see the module docstring)
+        if inverse is None:
             return out
-        keep = np.concatenate([np.ones(self.n + self.p, dtype=bool), active])
+        keep = np.concatenate([np.ones(self.n, dtype=bool), kept, active])
         idx = np.nonzero(keep)[0]
-        out[np.ix_(idx, idx)] = solution.kkt_inverse
+        out[np.ix_(idx, idx)] = inverse
         return out
+
+    def degeneracy(self, z: torch.Tensor, aux: tuple, params: tuple, options: Any) -> Any:
+        """The admissible active sets of a degenerate answer (see `blackbox_diff_qp._degenerate`)."""
+        if float(aux[2].reshape(-1)[0]) == REGULAR:
+            return None
+        from ._degenerate import qp_degeneracy
+
+        return qp_degeneracy(self, z, aux, params)
 
     def finish(self, z: torch.Tensor, aux: tuple, options: Any) -> Any:
         x, nu, lam = self.split(z)
         if not getattr(options, "return_duals", False):
             return x
         return KKTSolution(x=x, eq=nu, ineq=lam)
-
-
-def _warn(solution: Any, m: int) -> None:
-    if solution.singular:
-        eq_rows, ineq_rows = solution.dependent
-        if eq_rows or ineq_rows:
-            why = (f"the active constraints are linearly dependent (LICQ fails): equality rows {eq_rows} and "
-                   f"inequality rows {ineq_rows} depend on the other active rows, so their multipliers are not "
-                   "unique and the solution is not differentiable in their right-hand sides")
-        else:
-            why = ("Q is singular on the null space of the active constraints, so the solution is not unique "
-                   "(e.g. an LP with a face of optima)")
-        warnings.warn(
-            f"QP layer: the reduced KKT matrix is singular: {why}. The gradient returned is the minimum-norm "
-            "one (least squares).",
-            RuntimeWarning,
-            stacklevel=6,
-        )
-    weak = np.nonzero(np.asarray(solution.weak, dtype=bool))[0].tolist() if m else []
-    if weak:
-        warnings.warn(
-            f"QP layer: inequality rows {weak} are weakly active (slack and multiplier both ~0). The solution map "
-            "is not differentiable there; the gradient returned is the one-sided derivative that keeps "
-            f"{[i for i in weak if solution.active[i]]} active and {[i for i in weak if not solution.active[i]]} "
-            "inactive.",
-            RuntimeWarning,
-            stacklevel=6,
-        )

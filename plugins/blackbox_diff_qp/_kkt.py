@@ -103,8 +103,8 @@ def factor(Q, G, A, active, dense: bool = True) -> _Factors | None:
     OpenBLAS was far slower on a loaded machine). An inverse, not LU factors, because the backward then
     applies it as one batched vector-matrix product in each direction; torch's batched CPU triangular
     solves copy the factors into column-major order on every call, in one direction or the other, which
-    made them 5-10x slower than the product. K_S is singular when its condition number (1-norm) exceeds
-    1 / SINGULAR_PIVOT. Sparse: SuperLU.
+    made them 5-10x slower than the product. K_S is singular when the condition number (1-norm) of its
+    symmetric equilibration exceeds 1 / SINGULAR_PIVOT. Sparse: SuperLU.
     """
     if not dense:
         import scipy.sparse.linalg as spla
@@ -122,7 +122,11 @@ def factor(Q, G, A, active, dense: bool = True) -> _Factors | None:
     M = 0.5 * (M + M.T)  # K_S is symmetric; its computed inverse is, up to round-off
     if int(info) != 0 or not np.all(np.isfinite(M)):
         return None
-    cond = np.abs(K).sum(axis=0).max() * np.abs(M).sum(axis=0).max()
+    # The condition number of the equilibrated D K D (D = 1/sqrt of each row's largest entry): a QP in badly
+    # scaled units (Q ~ 1e10 beside G ~ 1) is not singular, and (D K D)^{-1} = D^{-1} M D^{-1}.
+    top = np.abs(K).max(axis=1)
+    d = 1.0 / np.sqrt(np.where(top > 0, top, 1.0))
+    cond = np.abs(d[:, None] * K * d).sum(axis=0).max() * np.abs(M / d[:, None] / d).sum(axis=0).max()
     if not cond * SINGULAR_PIVOT < 1.0:
         return None
     return _Factors(M)
