@@ -133,15 +133,27 @@ def test_every_builtin_backend_passes_the_kit(name, tmp_path):
     assert report.backend == name and len(report.results) == len(CHECKS) * len(samples)
 
 
-def test_the_example_plugin_package_passes_the_kit(monkeypatch):
-    monkeypatch.syspath_prepend(str(ROOT / "examples" / "plugin_package"))
-    from bbd_brentq import BracketedRoot
-    from bbd_brentq.plugin import BrentqBackend
+def example_tests(monkeypatch) -> Any:
+    """examples/plugin_package/tests/test_bbd_brentq.py, the plugin's own tests, as its author runs them."""
+    import importlib.util
 
-    # x^3 + x = w on [-10, 10]; w = 1000 has its root x = 9.97.. inside, w = 2000 outside the bracket.
-    sample = Sample(BracketedRoot(lambda x, w: x**3 + x - w, lo=-10.0, hi=10.0), instances=[(2.0,), (10.0,), (-4.0,)],
-                    parameters=[()], failing=(2000.0,), name="cubic-bracket")
-    assert_all_pass(check_backend(BrentqBackend(), sample))
+    package = ROOT / "examples" / "plugin_package"
+    monkeypatch.syspath_prepend(str(package))
+    spec = importlib.util.spec_from_file_location("bbd_brentq_own_tests", package / "tests" / "test_bbd_brentq.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_example_plugin_package_passes_the_kit(monkeypatch):
+    tests = example_tests(monkeypatch)
+    tests.test_the_backend_passes_the_conformance_kit()
+    assert_all_pass(check_backend(tests.BrentqBackend(), tests.SAMPLE))
+
+
+def test_the_example_plugin_packages_entry_point_test(monkeypatch):
+    example_tests(monkeypatch).test_the_entry_point_registers_the_backend()
+    assert "brentq" not in [b.name for b in bbd.backends()]  # registered for the block only
 
 
 # --- a backend that keeps the contract, and broken variants of it ----------------------------------------------

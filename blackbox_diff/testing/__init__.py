@@ -4,37 +4,35 @@ Like scikit-learn's ``check_estimator``: give `check_backend` a backend and a fe
 parameter values, and it runs the checks below on each, through `bbd.layer` as a user would, reporting
 which check failed on which sample and why.
 
-========== =================================================================================================
-check      what it verifies
-========== =================================================================================================
-compile    the backend is available, accepts the problem, compiles it through ``bbd.layer`` and when called
-           directly with a dict of options; the declared parameter shapes match the instances
-forward    every instance solves alone (fresh layer): finite float64 answers and gradients on the CPU, the
-           declared variable shapes
-state      one layer solving the instances in turn (and again in reverse) gives each the answer and gradient
-           a fresh layer gives, and leaves the parameter tensors untouched: no mutable state between calls
-batch      the instances stacked into one batch give the single calls' answers and gradients row by row; a
-           batch in parameter 0 with the other parameters shared broadcasts them and sums their gradients
-gradients  ``bbd.check_gradients``: the implicit gradient against central finite differences of the black
-           box itself, at the first instance
-jvp        forward mode (``torch.autograd.forward_ad``) along a random direction against a directional
-           finite difference of the black box, and against reverse mode
-failure    an instance the solver cannot solve (``Sample.failing``) raises a ``bbd.SolverError`` naming the
-           backend, with its batch index in a batch; with ``on_failure="nan"`` it is NaN with a zero
-           gradient and the rest of the batch is exact
-options    unknown options are refused (by the ``Options`` model, by ``bbd.layer``, by ``compile`` given a
-           dict), and so are wrongly typed values of numeric and boolean options
-dtype      float32 parameters give float32 answers and gradients close to the float64 ones
-device     parameters on CUDA give answers and gradients on CUDA equal to the CPU's (skipped without a GPU)
-threads    four threads calling one layer at once, and ``executor="threads"``, match serial calls
-========== =================================================================================================
+- **compile**: the backend is available, accepts the problem, compiles it through `bbd.layer` and when called
+  directly with a dict of options; the declared parameter shapes match the instances
+- **forward**: every instance solves alone (fresh layer): finite float64 answers and gradients on the CPU, the
+  declared variable shapes
+- **state**: one layer solving the instances in turn (and again in reverse) gives each the answer and gradient
+  a fresh layer gives, and leaves the parameter tensors untouched: no mutable state between calls
+- **batch**: the instances stacked into one batch give the single calls' answers and gradients row by row; a
+  batch in parameter 0 with the other parameters shared broadcasts them and sums their gradients
+- **gradients**: `bbd.check_gradients`: the implicit gradient against central finite differences of the black
+  box itself, at the first instance
+- **jvp**: forward mode (`torch.autograd.forward_ad`) along a random direction against a directional finite
+  difference of the black box, and against reverse mode
+- **failure**: an instance the solver cannot solve (`Sample.failing`) raises a `bbd.SolverError` naming the
+  backend, with its batch index in a batch; with `on_failure="nan"` it is NaN with a zero gradient and the
+  rest of the batch is exact
+- **options**: unknown options are refused (by the `Options` model, by `bbd.layer`, by `compile` given a
+  dict), and so are wrongly typed values of numeric and boolean options
+- **dtype**: float32 parameters give float32 answers and gradients close to the float64 ones
+- **device**: parameters on CUDA give answers and gradients on CUDA equal to the CPU's (skipped without a GPU)
+- **threads**: four threads calling one layer at once, and `executor="threads"`, match serial calls
 
-Use it in a test::
+Use it in a test:
 
-    from blackbox_diff.testing import Sample, check_backend
+```python
+from blackbox_diff.testing import Sample, check_backend
 
-    def test_my_backend_conforms():
-        check_backend(MyBackend(), [Sample(problem, instances=[(w1,), (w2,), (w3,)], parameters=[()])])
+def test_my_backend_conforms():
+    check_backend(MyBackend(), [Sample(problem, instances=[(w1,), (w2,), (w3,)], parameters=[()])])
+```
 
 `check_backend` raises `ConformanceError` (an ``AssertionError``) listing every failed check; with
 ``raise_on_failure=False`` it returns the `ConformanceReport` instead.
