@@ -58,17 +58,8 @@ class Compiled:
     unknowns_shape: tuple[int, ...] | None = None
 
 
-class BackendOptions(BaseModel):
-    """Base of a backend's own options: a pydantic model that refuses unknown keys.
-
-    `bbd.layer` validates the options meant for a backend into its ``Options`` model and passes the
-    validated instance to `AbstractBackend.compile`; read it by attribute (``options.tol``). It also
-    reads as a mapping of the options the user set (``dict(options)``, ``options["tol"]``, ``"tol" in
-    options``, ``self.Options(**options)``), so that a ``compile`` written for the dict of options that
-    blackbox_diff passed before keeps working.
-    """
-
-    model_config = ConfigDict(extra="forbid")
+class _ReadsAsMapping:
+    """Mapping methods for a validated options model: the options the user set, by name."""
 
     def keys(self) -> Iterator[str]:
         """The names of the options that were set (not those left at their defaults)."""
@@ -85,6 +76,34 @@ class BackendOptions(BaseModel):
     def get(self, name: str, default: Any = None) -> Any:
         """The option's value if it was set, else `default` (as ``dict.get``)."""
         return getattr(self, name) if name in self.model_fields_set else default
+
+
+class BackendOptions(_ReadsAsMapping, BaseModel):
+    """Base of a backend's own options: a pydantic model that refuses unknown keys.
+
+    `bbd.layer` validates the options meant for a backend into its ``Options`` model and passes the
+    validated instance to `AbstractBackend.compile`; read it by attribute (``options.tol``). It also
+    reads as a mapping of the options the user set (``dict(options)``, ``options["tol"]``, ``"tol" in
+    options``, ``self.Options(**options)``), so that a ``compile`` written for the dict of options that
+    blackbox_diff passed before keeps working. (An ``Options`` model derived from pydantic's ``BaseModel``
+    directly is validated into a subclass that reads the same way.)
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+
+_READABLE: dict[type, type] = {}
+
+
+def _readable(model: type[BaseModel]) -> type[BaseModel]:
+    """`model`, or (for a model without the mapping methods) its subclass that has them, so that what
+    `compile` receives works wherever the dict it received before did."""
+    if issubclass(model, _ReadsAsMapping):
+        return model
+    if model not in _READABLE:  # a race makes two equivalent classes: harmless
+        _READABLE[model] = type(model.__name__, (model, _ReadsAsMapping),
+                                {"__module__": model.__module__, "__doc__": model.__doc__})
+    return _READABLE[model]
 
 
 def parse_shapes(specs: Any, what: str = "parameters") -> list[tuple[int, ...]] | None:
@@ -183,7 +202,7 @@ class AbstractBackend(abc.ABC):
                 f"Backend {self.name!r}: options must be a mapping of option names to values or an instance of "
                 f"its Options model; got {type(options).__name__}."
             )
-        return parse_options(dict(options), model)
+        return parse_options(dict(options), _readable(model))
 
     def available(self) -> bool:
         """True when every module in `requires` can be imported (checked without importing it)."""

@@ -511,6 +511,36 @@ def test_compile_receives_the_validated_options_model(registry):
         assert len(plugin.received) == 1  # an invalid option never reaches compile
 
 
+def test_a_backend_whose_options_are_a_plain_pydantic_model_keeps_working(registry):
+    """Written for the dict blackbox_diff passed before: Options(**options) and dict(options) still work."""
+    from pydantic import BaseModel, ConfigDict
+
+    seen = []
+
+    class Plain(bbd.AbstractBackend):
+        name: ClassVar[str] = "plain-options"
+
+        class Options(BaseModel):
+            model_config = ConfigDict(extra="forbid")
+            scale: float = 1.0
+
+        def accepts(self, problem):
+            return problem == "plain"
+
+        def compile(self, problem, parameters, variables, options):
+            seen.append((dict(options), isinstance(options, self.Options)))
+            opts = self.Options(**options)
+            return bbd.Compiled(solve=lambda w: w / opts.scale, condition=bbd.Root(lambda x, w: opts.scale * x - w),
+                                parameter_shapes=[()], backend=self.name)
+
+    layer = bbd.layer("plain", backend=Plain(), scale=4)
+    np.testing.assert_allclose(layer(torch.tensor(2.0)).item(), 0.5)
+    assert seen == [({"scale": 4.0}, True)]
+    with pytest.raises(bbd.InputError, match=re.escape("Invalid options for Options: option 'scale': Input should be "
+                                                       "a valid number")):
+        bbd.layer("plain", backend=Plain(), scale="x")
+
+
 def test_validate_options_takes_a_dict_a_model_or_none():
     plugin = ToyPlugin()
     with bbd.plugin.registered(plugin):
