@@ -156,15 +156,17 @@ class PluginManager(pluggy.PluginManager):
         """Register a plugin object or module (pluggy's `register`); the backend table is rebuilt."""
         with self._lock:
             result = super().register(plugin, name)
-            if result is not None:
-                self._packages.setdefault(result, _package_of(plugin))
+            if result is not None and result not in self._packages:
+                self._packages[result] = _package_of(plugin)
             self._table = None
             return result
 
     def unregister(self, plugin: Any = None, name: str | None = None) -> Any:
         """Unregister a plugin (pluggy's `unregister`); the backend table is rebuilt."""
         with self._lock:
+            name = name if name is not None else self.get_name(plugin)
             result = super().unregister(plugin, name)
+            self._packages.pop(name, None)
             self._table = None
             return result
 
@@ -201,9 +203,10 @@ class PluginManager(pluggy.PluginManager):
             return None
         try:
             plugin = ep.load()
-            self.register(plugin, name=name)
             self._packages[name] = package
+            self.register(plugin, name=name)
         except Exception as err:  # noqa: BLE001 - a broken plugin must never break the package
+            self._packages.pop(name, None)
             failure = PluginFailure(name, package, f"import failed: {type(err).__name__}: {err}")
             self._load_errors.append(failure)
             warnings.warn(
