@@ -20,7 +20,7 @@ which check failed on which sample and why.
   backend, with its batch index in a batch; with `on_failure="nan"` it is NaN with a zero gradient and the
   rest of the batch is exact
 - **options**: unknown options are refused (by the `Options` model, by `bbd.layer`, by `compile` given a
-  dict), and so are wrongly typed values of numeric and boolean options
+  dict), and so are strings given to numeric, boolean and Literal (choice) options
 - **dtype**: float32 parameters give float32 answers and gradients close to the float64 ones
 - **device**: parameters on CUDA give answers and gradients on CUDA equal to the CPU's (skipped without a GPU)
 - **threads**: four threads calling one layer at once, and `executor="threads"`, match serial calls

@@ -20,6 +20,7 @@ from blackbox_diff.testing._context import Context, Failed, Skipped, compare, fl
 __all__ = ["CHECKS", "NEEDS_REFERENCE", "RUNNERS"]
 
 UNKNOWN = "bbd_testing_unknown_option"
+INVALID = "bbd-testing-invalid-value"
 STATE_HINT = (
     "The answer depends on earlier calls: the backend keeps mutable state between calls (a cache, a warm start "
     "or a buffer its black box or condition shares). Make each call depend on its parameters only (warm starts "
@@ -279,9 +280,14 @@ def check_failure(ctx: Context) -> str:
     return "the failing instance raises with its batch index, or is NaN (gradient zero) while the others are exact"
 
 
-def _numeric(annotation: object) -> bool:
-    kinds = {a for a in (typing.get_args(annotation) or (annotation,)) if a is not type(None)}
-    return bool(kinds) and kinds <= {int, float, bool}
+def _typed(annotation: object) -> bool:
+    """Whether a string is never a valid value: numbers, booleans, Literal choices, and unions of those."""
+    if typing.get_origin(annotation) is typing.Literal:
+        return INVALID not in typing.get_args(annotation)
+    if annotation in (int, float, bool):
+        return True
+    members = [a for a in typing.get_args(annotation) if a is not type(None)]
+    return bool(members) and all(_typed(a) for a in members)
 
 
 def check_options(ctx: Context) -> str:
@@ -314,17 +320,16 @@ def check_options(ctx: Context) -> str:
         raise Failed(f"compile, called directly with a dict holding the unknown option {UNKNOWN!r}, did not refuse it: "
                      "begin compile with opts = self.validate_options(options), which validates a dict (and passes "
                      "the model bbd.layer gives through).")
-    typed = [name for name, field in b.Options.model_fields.items() if _numeric(field.annotation)]
+    typed = [name for name, field in b.Options.model_fields.items() if _typed(field.annotation)]
     for name in typed:
         try:
-            ctx.layer(**{name: "bbd-testing-not-a-number"})
+            ctx.layer(**{name: INVALID})
         except InputError as err:
             if name not in str(err):
                 raise Failed(f"a wrongly typed value of option {name!r} was refused without naming it: {err}") from err
         else:
-            raise Failed(f"option {name!r} accepted the string 'bbd-testing-not-a-number'; declare its type in "
-                         "Options.")
-    return f"unknown options refused (bbd.layer, compile with a dict); wrong types refused for {typed}"
+            raise Failed(f"option {name!r} accepted the string {INVALID!r}; declare its type in Options.")
+    return f"unknown options refused (bbd.layer, compile with a dict); wrong values refused for {typed}"
 
 
 # --- dtype, device, threads ---------------------------------------------------------------------------------
