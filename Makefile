@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 # Benchmark anchors whose metadata pins numpy<2 though they run on numpy 2: installed without their deps.
 ANCHORS_NODEPS := mpc==0.0.6 qpth==0.0.18
 
-.PHONY: demo test lint install docs bench clean fuzz gfortran
+.PHONY: demo test lint install docs bench clean fuzz gfortran dist
 
 $(STAMP): pyproject.toml Makefile
 	test -d $(VENV) || $(PY) -m venv $(VENV)
@@ -35,6 +35,12 @@ docs: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/blackbox-diff bench
+
+# The sdist and the wheel (pip install dist/blackbox_diff-*.whl), checked as PyPI would check them.
+dist: $(STAMP)
+	rm -rf dist
+	$(BIN)/python -m build --outdir dist .
+	$(BIN)/twine check --strict dist/*
 
 # gfortran builds the Fortran legacy program of the tests and of examples/legacy_executable.py. Installed from
 # the distribution's packages when missing (Debian/Ubuntu, as root); elsewhere a note, and those tests skip.

@@ -4,7 +4,9 @@ A black-box solver maps parameters to a solution z*; an optimality condition F(z
 z*; the implicit function theorem turns dL/dz* into dL/dparams with one adjoint linear solve.
 """
 
-from blackbox_diff import deq, kkt, linalg, ode
+from importlib.metadata import PackageNotFoundError, version
+
+from blackbox_diff import deq, kkt, linalg, ode, plugin
 from blackbox_diff._backend import AbstractBackend, Compiled
 from blackbox_diff._checks import GradientReport, check_gradients, saved_tensor_bytes
 from blackbox_diff._conditions import KKT, AbstractCondition, Argmin, FixedPoint, KKTSolution, Root
@@ -28,7 +30,10 @@ from blackbox_diff.deq import DEQ, fixed_point_layer
 from blackbox_diff.ode import odeint, solve_ivp_layer
 from blackbox_diff.qp import QPLayer
 
-__version__ = "0.1.0"
+try:
+    __version__ = version("blackbox-diff")
+except PackageNotFoundError:  # imported from a checkout that was never installed
+    __version__ = "0+unknown"
 
 __all__ = [
     "AbstractBackend",
@@ -64,6 +69,7 @@ __all__ = [
     "linalg",
     "ode",
     "odeint",
+    "plugin",
     "plugin_manager",
     "saved_tensor_bytes",
     "solve_ivp_layer",

@@ -45,7 +45,7 @@ def register_backends(register: Callable[[AbstractBackend], None]) -> None:
     unregistered at run time. Call ``register(backend)`` once per backend instance. Backend names must be
     unique; when two plugins register the same name, the one called first wins (plugins registered at run
     time are called before entry-point plugins, so they can override a built-in backend) and the other is
-    reported by ``plugin_errors()``.
+    reported by ``bbd.plugin.plugin_errors()``.
 
     The hook must be cheap and must not import the backend's solver library: a backend whose library is
     missing is still registered and listed as unavailable (``AbstractBackend.available()``).

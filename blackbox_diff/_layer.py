@@ -54,12 +54,13 @@ def layer(
     Raises:
         PluginError: no backend accepts the problem, or the named backend does not exist.
         BackendUnavailableError: the backend's solver library is missing (with the pip hint).
-        InputError: an option is unknown to both `bbd.implicit` and the backend, or invalid.
+        InputError: an option is unknown to both `bbd.implicit` and the backend, or invalid (the backend's
+            own options are validated into its ``Options`` model before its ``compile`` is called).
     """
     chosen = _choose(problem, backend)
     chosen.require()
     implicit_options, backend_options = _split_options(options, chosen)
-    compiled = chosen.compile(problem, parameters, variables, backend_options)
+    compiled = chosen.compile(problem, parameters, variables, chosen.validate_options(backend_options))
     if not isinstance(compiled, Compiled):
         raise PluginError(
             f"Backend {chosen.name!r}.compile returned a {type(compiled).__name__}; expected bbd.Compiled. "

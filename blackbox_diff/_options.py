@@ -10,10 +10,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from blackbox_diff._errors import InputError
 
-__all__ = ["ImplicitOptions", "LINEAR_SOLVERS", "parse_options"]
+__all__ = ["ImplicitOptions", "parse_options"]
 
 LinearSolverName = Literal["auto", "cg", "minres", "gmres", "bicgstab", "neumann", "dense", "lstsq"]
-LINEAR_SOLVERS: tuple[str, ...] = ("auto", "cg", "minres", "gmres", "bicgstab", "neumann", "dense", "lstsq")
 
 
 class ImplicitOptions(BaseModel):

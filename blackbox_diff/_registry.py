@@ -1,26 +1,32 @@
 """The plugin manager: a typed pluggy manager that knows the solver backends.
 
-Plugins come from the entry-point group ``blackbox_diff`` (built-in backends included: they are declared in
-blackbox-diff's own pyproject exactly like a third-party plugin) and from run-time registration
-(``bbd.plugin_manager().register(obj)``). Loading is lazy (the first call that needs the registry), happens
-once per process, and is thread-safe. A plugin that fails to import, or registers something invalid, is
-recorded in `plugin_errors()` (and, for a failed import, listed by `backends()` as unavailable) and warned
-about; it never breaks ``import blackbox_diff`` or the other plugins.
+Plugins come from the entry-point group ``blackbox_diff`` and from run-time registration
+(``bbd.plugin_manager().register(obj)``, or `registered` for the length of a ``with`` block). There is one
+loading path: the built-in backends are entry points of blackbox-diff's own distribution, declared in its
+pyproject exactly like a third-party plugin, and come only through them (an editable or a wheel install);
+when none is found, the errors that name a missing backend say so and how to install. Loading is lazy (the
+first call that needs the registry), happens once per process, and is thread-safe. A plugin that fails to
+import, or registers something invalid, is recorded in `plugin_errors()` (and, for a failed import, listed
+by `backends()` as unavailable) and warned about; it never breaks ``import blackbox_diff`` or the other
+plugins.
 
 Environment: ``BLACKBOX_DIFF_DISABLE_PLUGINS`` = ``1`` / ``all`` skips every third-party entry point (the
-built-in backends still load); a comma-separated list of entry-point names (``mysolver,casadi``) skips
-exactly those, built-in or not. Read when the registry first loads (see `reset` for tests).
+built-in backends, those of the distribution blackbox-diff, still load); a comma-separated list of
+entry-point names (``mysolver,casadi``) skips exactly those, built-in or not. Read when the registry first
+loads (`reload_plugins` reads it again).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import importlib.metadata
-import importlib.util
 import os
+import re
 import threading
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import pluggy
@@ -30,7 +36,6 @@ from blackbox_diff._backend import AbstractBackend
 from blackbox_diff._errors import PluginError
 
 __all__ = [
-    "BUILTIN_PLUGINS",
     "DISABLE_ENV",
     "BackendInfo",
     "PluginFailure",
@@ -40,19 +45,15 @@ __all__ = [
     "get_backend",
     "plugin_errors",
     "plugin_manager",
-    "reset",
+    "registered",
+    "reload_plugins",
 ]
 
+#: The environment variable that disables entry-point plugins (read when the registry loads).
 DISABLE_ENV = "BLACKBOX_DIFF_DISABLE_PLUGINS"
 GROUP = _hookspecs.PROJECT_NAME
+#: The distribution whose entry points are the built-in backends.
 DISTRIBUTION = "blackbox-diff"
-#: entry-point name -> module of the backends shipped in plugins/ (mirrors pyproject.toml).
-BUILTIN_PLUGINS: dict[str, str] = {
-    "scipy": "blackbox_diff_scipy",
-    "subprocess": "blackbox_diff_subprocess",
-    "cvxpy": "blackbox_diff_cvxpy",
-    "casadi": "blackbox_diff_casadi",
-}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,7 +79,13 @@ class BackendInfo:
 
 @dataclasses.dataclass(frozen=True)
 class PluginFailure:
-    """A plugin that failed to load or registered something invalid."""
+    """A plugin that failed to load or registered something invalid (a row of `plugin_errors()`).
+
+    Attributes:
+        plugin: the plugin's name (its entry-point name, or the name it was registered under).
+        package: the distribution (or top-level module) that provides it.
+        error: what went wrong, e.g. ``"import failed: ModuleNotFoundError: ..."``.
+    """
 
     plugin: str
     package: str
@@ -105,10 +112,26 @@ def _disabled() -> tuple[bool, set[str]]:
     return False, {part.strip() for part in raw.split(",") if part.strip()}
 
 
+def _normalise(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+@functools.lru_cache(maxsize=1)
+def _distributions() -> dict[str, list[str]]:
+    return dict(importlib.metadata.packages_distributions())
+
+
 def _package_of(plugin: Any) -> str:
+    """The distribution that installed a run-time plugin's top-level module, else that module's name."""
     module = getattr(plugin, "__name__", None) if isinstance(plugin, type(os)) else type(plugin).__module__
     top = (module or "?").split(".")[0]
-    return DISTRIBUTION if top in BUILTIN_PLUGINS.values() or top == "blackbox_diff" else top
+    dists = _distributions().get(top) or [top]
+    return dists[0]
+
+
+def _dist_of(ep: Any) -> str | None:
+    dist = getattr(ep, "dist", None)
+    return getattr(dist, "name", None)
 
 
 class PluginManager(pluggy.PluginManager):
@@ -126,59 +149,64 @@ class PluginManager(pluggy.PluginManager):
         self._load_errors: list[PluginFailure] = []
         self._build_errors: list[PluginFailure] = []
         self._packages: dict[str, str] = {}
+        self._builtins_found = True  # whether blackbox-diff's own entry points were found (set on loading)
 
     # --- registration ---------------------------------------------------------------------------
     def register(self, plugin: Any, name: str | None = None) -> str | None:
         """Register a plugin object or module (pluggy's `register`); the backend table is rebuilt."""
         with self._lock:
             result = super().register(plugin, name)
-            if result is not None:
-                self._packages.setdefault(result, _package_of(plugin))
+            if result is not None and result not in self._packages:
+                self._packages[result] = _package_of(plugin)
             self._table = None
             return result
 
     def unregister(self, plugin: Any = None, name: str | None = None) -> Any:
         """Unregister a plugin (pluggy's `unregister`); the backend table is rebuilt."""
         with self._lock:
+            name = name if name is not None else self.get_name(plugin)
             result = super().unregister(plugin, name)
+            self._packages.pop(name, None)
             self._table = None
             return result
 
     def load_entry_points(self, entry_points: Iterable[Any] | None = None) -> None:
         """Import and register every plugin of the entry-point group (honouring the disable variable).
 
-        Built-in backends come through the same group. When blackbox-diff itself is not installed (a
-        source checkout on PYTHONPATH), its own entry points are not visible; each built-in plugin module
-        that no entry point names is then registered by module name, if it is importable, so that a
-        checkout behaves like an installation.
+        The built-in backends come through the same group, as entry points of the distribution
+        blackbox-diff; there is no other way in. Where none of them is found (blackbox_diff imported from
+        a checkout that was never pip-installed), `get_backend` and `find_backend` say so in their errors.
+
+        Args:
+            entry_points: objects with ``name``, ``value``, ``dist`` and ``load()`` (what
+                ``importlib.metadata.entry_points`` returns); None lists the installed ones.
         """
         everything, names = _disabled()
         eps = list(_entry_points() if entry_points is None else entry_points)
-        builtin_modules = set(BUILTIN_PLUGINS.values())
-        seen_modules = set()
+        self._builtins_found = any(_normalise(_dist_of(ep) or "") == DISTRIBUTION for ep in eps)
         for ep in eps:
-            module = ep.value.split(":")[0]
-            seen_modules.add(module)
-            if ep.name in names or (everything and module not in builtin_modules):
+            package = _dist_of(ep) or ep.value.split(":")[0].split(".")[0]
+            builtin = _normalise(package) == DISTRIBUTION
+            if ep.name in names or (everything and not builtin):
                 continue
-            dist = getattr(ep, "dist", None)
-            package = getattr(dist, "name", None) or module.split(".")[0]
-            if module in builtin_modules:
-                package = DISTRIBUTION
-            self._load(ep.name, package, ep.load)
-        for name, module in BUILTIN_PLUGINS.items():
-            if module in seen_modules or name in names or importlib.util.find_spec(module) is None:
-                continue
-            self._load(name, DISTRIBUTION, lambda module=module: importlib.import_module(module))
+            self.load_entry_point(ep, package)
 
-    def _load(self, name: str, package: str, load: Any) -> None:
+    def load_entry_point(self, ep: Any, package: str | None = None) -> str | None:
+        """Import the plugin an entry point names and register it under the entry point's name.
+
+        A failure is recorded (`failures`) and warned about, never raised. Returns the plugin's name, or
+        None when it failed to load (or a plugin of that name is already registered).
+        """
+        name = ep.name
+        package = package or _dist_of(ep) or ep.value.split(":")[0].split(".")[0]
         if self.has_plugin(name):
-            return
+            return None
         try:
-            plugin = load()
-            self.register(plugin, name=name)
+            plugin = ep.load()
             self._packages[name] = package
+            self.register(plugin, name=name)
         except Exception as err:  # noqa: BLE001 - a broken plugin must never break the package
+            self._packages.pop(name, None)
             failure = PluginFailure(name, package, f"import failed: {type(err).__name__}: {err}")
             self._load_errors.append(failure)
             warnings.warn(
@@ -188,6 +216,8 @@ class PluginManager(pluggy.PluginManager):
                 RuntimeWarning,
                 stacklevel=3,
             )
+            return None
+        return name
 
     # --- the backend table ------------------------------------------------------------------------
     def backend_table(self) -> dict[str, _Entry]:
@@ -269,11 +299,64 @@ def plugin_manager() -> PluginManager:
         return _MANAGER
 
 
-def reset() -> None:
-    """Forget the loaded plugins; the next call loads them again (tests; after changing the env var)."""
+def reload_plugins() -> None:
+    """Forget the loaded plugins: the next call that needs the registry lists the entry points and imports
+    them again (e.g. after installing a plugin, or changing ``BLACKBOX_DIFF_DISABLE_PLUGINS``).
+
+    Plugins registered at run time are forgotten too.
+    """
     global _MANAGER
     with _MANAGER_LOCK:
         _MANAGER = None
+
+
+@contextlib.contextmanager
+def registered(*plugins: Any) -> Iterator[PluginManager]:
+    """Register plugins for the length of a ``with`` block (tests), then unregister them.
+
+    ``with bbd.plugin.registered(MyPlugin()): ...`` makes the plugin's backends visible to `bbd.layer`,
+    `bbd.backends` and the rest inside the block. Each plugin is an object or a module with
+    ``@bbd.hookimpl`` functions, or an entry point (``importlib.metadata.EntryPoint(name, "my_pkg.plugin",
+    "blackbox_diff")``), which is loaded exactly as an installed one would be: a module that fails to import
+    is listed by `plugin_errors()` inside the block, not raised. Run-time plugins are called before
+    entry-point plugins, so a plugin registered here may replace a built-in backend of the same name.
+
+    Yields:
+        The process-wide plugin manager.
+
+    Raises:
+        PluginError: a plugin is already registered (unregister it first, or use it as it is).
+    """
+    manager = plugin_manager()
+    names: list[str] = []
+    with manager._lock:
+        before = len(manager._load_errors)
+    try:
+        for plugin in plugins:
+            if hasattr(plugin, "load") and hasattr(plugin, "value") and hasattr(plugin, "name"):
+                if manager.has_plugin(plugin.name):
+                    raise PluginError(
+                        f"A plugin named {plugin.name!r} is already registered; registered() cannot register the "
+                        f"entry point {plugin.value!r} under the same name. Unregister it first."
+                    )
+                name = manager.load_entry_point(plugin)
+            else:
+                if manager.is_registered(plugin):
+                    raise PluginError(
+                        f"{plugin!r} is already registered (as {manager.get_name(plugin)!r}); registered() "
+                        "registers a plugin that is not yet registered. Unregister it first."
+                    )
+                name = manager.register(plugin)
+            if name is not None:
+                names.append(name)
+        yield manager
+    finally:
+        for name in names:
+            if manager.has_plugin(name):
+                manager.unregister(name=name)
+        with manager._lock:
+            del manager._load_errors[before:]
+            manager._table = None
 
 
 def _info(name: str, entry: _Entry) -> BackendInfo:
@@ -328,15 +411,27 @@ def get_backend(name: str) -> AbstractBackend:
     Raises:
         PluginError: no backend has that name (the message lists the registered ones).
     """
-    table = plugin_manager().backend_table()
+    manager = plugin_manager()
+    table = manager.backend_table()
     if name not in table:
-        failed = [f.plugin for f in plugin_manager()._load_errors]
+        failed = [f.plugin for f in manager._load_errors]
         hint = f" Plugins that failed to load: {failed}." if failed else ""
         raise PluginError(
-            f"No backend named {name!r}. Registered backends: {sorted(table)}.{hint} Install the plugin "
-            "that provides it, or register one with bbd.plugin_manager().register(plugin)."
+            f"No backend named {name!r}. Registered backends: {sorted(table)}.{hint}{_not_installed(manager)} "
+            "Install the plugin that provides it, or register one with bbd.plugin_manager().register(plugin)."
         )
     return table[name].backend
+
+
+def _not_installed(manager: PluginManager) -> str:
+    """The sentence for a registry without blackbox-diff's own entry points ('' when they were found)."""
+    if manager._builtins_found:
+        return ""
+    return (
+        f" No entry point of the distribution {DISTRIBUTION!r} was found in the group {GROUP!r}, so the built-in "
+        "backends are not registered: blackbox_diff is imported without being installed (a checkout on "
+        "PYTHONPATH?). Install it: pip install -e . in the checkout, or pip install the wheel."
+    )
 
 
 def find_backend(problem: Any) -> AbstractBackend:
@@ -362,6 +457,6 @@ def find_backend(problem: Any) -> AbstractBackend:
         unavailable[0].require()
     raise PluginError(
         f"No registered backend accepts a {type(problem).__module__}.{type(problem).__qualname__}. "
-        f"Registered: {_describe(table)}. Pass a problem one of them accepts, name one with backend=..., "
-        "or install/register a plugin for this problem type."
+        f"Registered: {_describe(table)}.{_not_installed(plugin_manager())} Pass a problem one of them accepts, "
+        "name one with backend=..., or install/register a plugin for this problem type."
     )

@@ -14,7 +14,12 @@ from blackbox_diff._replay import add_arguments as _replay_arguments
 
 __all__ = ["main"]
 
-ROOT = Path(__file__).resolve().parent.parent
+PACKAGE = Path(__file__).resolve().parent
+ROOT = PACKAGE.parent
+#: Demos shipped inside the package: `blackbox-diff demo` finds them in any install, a wheel included.
+DEMOS = PACKAGE / "demos"
+# A checkout's examples/ and benchmarks/ (absent from a wheel install; never some other package's folders).
+_CHECKOUT = (ROOT / "pyproject.toml").is_file() and 'name = "blackbox-diff"' in (ROOT / "pyproject.toml").read_text()
 EXAMPLES = ROOT / "examples"
 BENCHMARKS = ROOT / "benchmarks"
 # The showcase first: `make demo` runs the first of these that exists.
@@ -24,12 +29,21 @@ DEFAULT_DEMOS = ("mpc_imitation", "seed_examples")
 def _scripts(folder: Path) -> dict[str, str]:
     """name -> first docstring line of every runnable script in `folder`."""
     out = {}
-    for path in sorted(folder.glob("*.py")):
+    for path in sorted(folder.glob("*.py")) if folder.is_dir() else []:
         if path.name.startswith("_"):
             continue
         doc = ast.get_docstring(ast.parse(path.read_text())) or ""
         out[path.stem] = doc.strip().splitlines()[0] if doc.strip() else ""
     return out
+
+
+def _demos() -> dict[str, tuple[Path, str]]:
+    """name -> (script, title): the packaged demos, then a checkout's examples (a packaged one wins)."""
+    found = {}
+    folders = [DEMOS, EXAMPLES] if _CHECKOUT else [DEMOS]
+    for folder in reversed(folders):
+        found.update({name: (folder / f"{name}.py", title) for name, title in _scripts(folder).items()})
+    return found
 
 
 def _run_script(path: Path, argv: list[str]) -> int:
@@ -39,6 +53,11 @@ def _run_script(path: Path, argv: list[str]) -> int:
         runpy.run_path(str(path), run_name="__main__")
     except SystemExit as stop:
         return int(stop.code or 0) if not isinstance(stop.code, str) else 1
+    except ModuleNotFoundError as err:
+        traceback.print_exc()
+        print(f"!! {path.stem} needs the module {err.name!r}, which is not installed. Install the extras the "
+              f'examples use: pip install "blackbox-diff[all]"', file=sys.stderr)
+        return 1
     except Exception:  # noqa: BLE001 - one failing script must not stop the others: report it, go on
         traceback.print_exc()
         print(f"!! {path.stem} failed (traceback above)", file=sys.stderr)
@@ -71,8 +90,7 @@ def _cmd_plugins(args: argparse.Namespace) -> int:
     return 0
 
 
-def _pick(folder: Path, name: str | None, defaults: tuple[str, ...], kind: str) -> Path | None:
-    scripts = _scripts(folder) if folder.is_dir() else {}
+def _pick(scripts: dict[str, Path], name: str | None, defaults: tuple[str, ...], kind: str) -> Path | None:
     if name is None:
         name = next((d for d in defaults if d in scripts), None)
     elif name not in scripts and f"bench_{name}" in scripts:  # `bench qp` for benchmarks/bench_qp.py
@@ -81,15 +99,16 @@ def _pick(folder: Path, name: str | None, defaults: tuple[str, ...], kind: str) 
         known = ", ".join(scripts) or "none found"
         print(f"Unknown {kind} {name!r}. Available {kind}s: {known}.", file=sys.stderr)
         return None
-    return folder / f"{name}.py"
+    return scripts[name]
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
+    demos = _demos()
     if args.list:
-        for name, title in _scripts(EXAMPLES).items():
+        for name, (_, title) in demos.items():
             print(f"{name:24} {title}")
         return 0
-    path = _pick(EXAMPLES, args.name, DEFAULT_DEMOS, "demo")
+    path = _pick({name: p for name, (p, _) in demos.items()}, args.name, DEFAULT_DEMOS, "demo")
     if path is None:
         return 2
     extra = [] if args.full else ["--fast"]
@@ -99,15 +118,17 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 def _cmd_bench(args: argparse.Namespace) -> int:
     folder = BENCHMARKS
-    names = [args.name] if args.name else [n for n in _scripts(folder)] if folder.is_dir() else []
+    scripts = {name: folder / f"{name}.py" for name in _scripts(folder)} if _CHECKOUT else {}
+    names = [args.name] if args.name else list(scripts)
     if not names:
-        print(f"No benchmarks found in {folder}.", file=sys.stderr)
+        print(f"No benchmarks found in {folder}: the benchmarks live in a checkout of the repository (a wheel "
+              "install does not ship them).", file=sys.stderr)
         return 2
     if args.json:
         Path(args.json).mkdir(parents=True, exist_ok=True)
     status = 0
     for name in names:
-        path = _pick(folder, name, (), "benchmark")
+        path = _pick(scripts, name, (), "benchmark")
         if path is None:
             return 2
         print(f"\n== benchmark {path.stem}")

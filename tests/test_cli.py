@@ -114,3 +114,31 @@ def test_the_console_script_is_installed():
 def test_unknown_options_of_other_commands_are_refused():
     proc = subprocess.run([str(SCRIPT), "plugins", "--bogus"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "unrecognized arguments: --bogus" in proc.stderr
+
+
+# --- demos that ship in the package (a wheel install has no examples/ folder) ---------------------------------
+def test_the_showcase_ships_in_the_package_and_wins_over_the_checkouts_copy():
+    demos = cli._demos()
+    path, title = demos["mpc_imitation"]
+    assert path == Path(bbd.__file__).parent / "demos" / "mpc_imitation.py"
+    assert title.startswith("Imitation learning through a differentiable MPC")
+    assert demos["seed_examples"][0] == cli.EXAMPLES / "seed_examples.py"  # the rest stays in the checkout
+
+
+def test_outside_a_checkout_only_the_packaged_demos_are_listed(monkeypatch, capsys):
+    monkeypatch.setattr(cli, "_CHECKOUT", False)
+    assert cli.main(["demo", "--list"]) == 0
+    names = [line.split()[0] for line in capsys.readouterr().out.splitlines()]
+    assert names == ["mpc_imitation"]
+    assert cli.main(["demo", "seed_examples"]) == 2
+    assert "Unknown demo 'seed_examples'. Available demos: mpc_imitation." in capsys.readouterr().err
+    assert cli.main(["bench"]) == 2
+    assert "the benchmarks live in a checkout of the repository" in capsys.readouterr().err
+
+
+def test_a_demo_whose_library_is_missing_says_what_to_install(monkeypatch, tmp_path, capsys):
+    (tmp_path / "needs_lib.py").write_text('"""Needs a library."""\nimport bbd_no_such_library_xyz\n')
+    monkeypatch.setattr(cli, "DEMOS", tmp_path)
+    assert cli.main(["demo", "needs_lib"]) == 1
+    assert ("!! needs_lib needs the module 'bbd_no_such_library_xyz', which is not installed. Install the extras the "
+            'examples use: pip install "blackbox-diff[all]"') in capsys.readouterr().err

@@ -184,7 +184,8 @@ REFERENCED = [
     "LinearSolveError", "BackendUnavailableError", "PluginError", "linalg", "linalg.cg", "linalg.minres",
     "linalg.gmres", "linalg.bicgstab", "linalg.neumann", "linalg.dense_solve", "linalg.lstsq_solve",
     "ode.odeint", "ode.solve_ivp_layer", "deq.DEQ", "deq.fixed_point_layer", "deq.anderson",
-    "deq.fixed_point_iteration", "_hookspecs.register_backends",
+    "deq.fixed_point_iteration", "plugin.BackendOptions", "plugin.parse_shapes", "plugin.registered",
+    "plugin.plugin_errors", "testing.check_backend", "testing.Sample",
 ]
 
 

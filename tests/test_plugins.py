@@ -126,10 +126,49 @@ def test_builtin_backends_load_through_the_projects_entry_points(registry):
     assert "bbd.KKT (SLSQP, trust-constr)" in rows["scipy"].problem_types
 
 
-def test_builtins_fall_back_to_module_names_when_not_installed(registry):
+NOT_INSTALLED = (
+    "No entry point of the distribution 'blackbox-diff' was found in the group 'blackbox_diff', so the built-in "
+    "backends are not registered: blackbox_diff is imported without being installed (a checkout on PYTHONPATH?). "
+    "Install it: pip install -e . in the checkout, or pip install the wheel."
+)
+
+
+def test_without_the_projects_entry_points_the_builtins_are_missing_and_the_error_says_why(registry, monkeypatch):
+    """One loading path: no fallback imports the built-in modules by name when their entry points are absent."""
     registry([])  # blackbox-diff not pip-installed: its own entry points are invisible
-    assert {"scipy", "subprocess"} <= set(names())
-    assert isinstance(_registry.get_backend("scipy"), bbd.AbstractBackend)
+    assert names() == []
+    assert "blackbox_diff_scipy" not in [p.__name__ for p in bbd.plugin_manager().get_plugins()]
+    with pytest.raises(bbd.PluginError, match=re.escape(f"No backend named 'scipy'. Registered backends: []. "
+                                                        f"{NOT_INSTALLED}")):
+        bbd.plugin.get_backend("scipy")
+    with pytest.raises(bbd.PluginError, match=re.escape(NOT_INSTALLED)):
+        bbd.layer(bbd.Root(lambda x, w: x - w), x0=np.zeros(1))
+
+
+def test_a_third_party_entry_point_alone_still_says_the_builtins_are_missing(registry, plugin_dir):
+    module = plugin_dir("bbd_toy_alone", TOY.format(name="toy"))
+    registry([FakeEntryPoint("toy", module, "toy-dist")])
+    assert names() == ["toy"]
+    with pytest.raises(bbd.PluginError, match=re.escape(NOT_INSTALLED)):
+        bbd.plugin.get_backend("cvxpy")
+
+
+def test_with_the_projects_entry_points_the_error_does_not_blame_the_installation(registry):
+    with pytest.raises(bbd.PluginError) as info:
+        bbd.plugin.get_backend("no-such-backend")
+    assert "No backend named 'no-such-backend'. Registered backends: ['casadi', 'cvxpy', 'qp', 'scipy', " \
+           "'subprocess']. Install the plugin" in str(info.value)
+
+
+def test_the_disable_variable_keeps_the_builtins_by_distribution_not_by_module_name(registry, plugin_dir,
+                                                                                      monkeypatch):
+    """A third-party plugin whose module is named like a built-in one is still third-party: the built-ins
+    are recognised by their distribution (blackbox-diff), not by a list of module names."""
+    module = plugin_dir("bbd_toy_impostor", TOY.format(name="impostor"))
+    registry([*pyproject_entry_points(ROOT / "pyproject.toml"), FakeEntryPoint("impostor", module, "other-dist")])
+    monkeypatch.setenv(_registry.DISABLE_ENV, "1")
+    got = set(names())
+    assert {"scipy", "subprocess", "qp"} <= got and "impostor" not in got
 
 
 def test_builtin_plugins_import_without_their_solver_library():
@@ -242,9 +281,9 @@ def test_plugin_whose_import_fails_is_reported(registry, plugin_dir):
     )
     assert rows["ghost"].error.startswith("import failed: ModuleNotFoundError: No module named")
     assert rows["scipy"].available  # the others are unaffected
-    assert [f.plugin for f in _registry.plugin_errors()] == ["broken", "ghost"]
+    assert [f.plugin for f in bbd.plugin.plugin_errors()] == ["broken", "ghost"]
     with pytest.raises(bbd.PluginError, match=re.escape("Plugins that failed to load: ['broken', 'ghost']")):
-        _registry.get_backend("broken")
+        bbd.plugin.get_backend("broken")
 
 
 def test_faulty_registrations_are_reported(registry):
@@ -278,7 +317,7 @@ def test_faulty_registrations_are_reported(registry):
     assert any("registered a type, expected an instance of bbd.AbstractBackend" in m for m in messages)
     assert any("backend name 'scipy' is already registered by package 'test_plugins'" in m for m in messages)
     assert isinstance(table["scipy"].backend, ScipyImpostor)  # run-time plugins are called first: they win
-    assert {f.plugin for f in _registry.plugin_errors()} == {"raises", "not-a-backend", "scipy"}
+    assert {f.plugin for f in bbd.plugin.plugin_errors()} == {"raises", "not-a-backend", "scipy"}
 
 
 # --- BLACKBOX_DIFF_DISABLE_PLUGINS --------------------------------------------------------------------
@@ -314,7 +353,7 @@ def test_entry_points_load_lazily_once_and_thread_safely(registry):
     bbd.backends()
     assert len(calls) == 1
     assert all(m is managers[0] for m in managers) and bbd.plugin_manager() is managers[0]
-    _registry.reset()
+    bbd.plugin.reload_plugins()
     bbd.plugin_manager()
     assert len(calls) == 2
 
@@ -368,3 +407,246 @@ def test_a_third_party_backend_names_its_own_install_command():
     assert not Needy().available()
     with pytest.raises(bbd.BackendUnavailableError, match=re.escape("Install it with: pip install needy-solver")):
         Needy().require()
+
+
+# --- the public plugin API: registered(), validated options, parse_shapes ---------------------------------
+class ToyPlugin:
+    """A run-time plugin whose backend solves 2 x = w (and records the options compile received)."""
+
+    def __init__(self, name: str = "toy-runtime") -> None:
+        self.name = name
+        self.received: list = []
+
+    @bbd.hookimpl
+    def register_backends(self, register):
+        plugin = self
+
+        class Backend(bbd.AbstractBackend):
+            name: ClassVar[str] = plugin.name
+
+            class Options(bbd.AbstractBackend.Options):
+                scale: float = 1.0
+                label: str = "x"
+
+            def accepts(self, problem):
+                return problem == "halve"
+
+            def compile(self, problem, parameters, variables, options):
+                plugin.received.append(options)
+                opts = self.Options(**options)  # the pre-validation idiom keeps working
+                return bbd.Compiled(solve=lambda w: w / (2 * opts.scale),
+                                    condition=bbd.Root(lambda x, w: 2 * opts.scale * x - w),
+                                    parameter_shapes=[()], backend=self.name)
+
+        register(Backend())
+
+
+def test_registered_adds_a_plugin_for_the_block_only(registry):
+    plugin = ToyPlugin()
+    with bbd.plugin.registered(plugin) as manager:
+        assert manager is bbd.plugin_manager()
+        assert "toy-runtime" in names()
+        x = bbd.layer("halve")(torch.tensor([4.0, 6.0]))
+        np.testing.assert_allclose(x.numpy(), [2.0, 3.0])
+    assert "toy-runtime" not in names()
+    assert not bbd.plugin_manager().is_registered(plugin)
+
+
+def test_registered_unregisters_when_the_block_raises(registry):
+    plugin = ToyPlugin()
+    with pytest.raises(RuntimeError, match="inside"), bbd.plugin.registered(plugin):
+        raise RuntimeError("inside")
+    assert "toy-runtime" not in names()
+
+
+def test_registered_loads_an_entry_point_like_an_installed_one(registry, plugin_dir):
+    import importlib.metadata
+
+    module = plugin_dir("bbd_toy_registered", TOY.format(name="toy-ep"))
+    good = importlib.metadata.EntryPoint("toy-ep", module, bbd.plugin.ENTRY_POINT_GROUP)
+    bad = importlib.metadata.EntryPoint("missing-ep", "bbd_no_such_plugin_module", bbd.plugin.ENTRY_POINT_GROUP)
+    with pytest.warns(RuntimeWarning, match="plugin 'missing-ep'"), bbd.plugin.registered(good, bad):
+        assert "toy-ep" in names()
+        failures = bbd.plugin.plugin_errors()
+        assert [f.plugin for f in failures] == ["missing-ep"]
+        assert failures[0].error.startswith("import failed: ModuleNotFoundError: No module named")
+    assert "toy-ep" not in names() and bbd.plugin.plugin_errors() == []
+
+
+def test_registered_refuses_a_plugin_that_is_already_registered(registry):
+    plugin = ToyPlugin()
+    bbd.plugin_manager().register(plugin, name="already")
+    with pytest.raises(bbd.PluginError, match=re.escape(
+        "is already registered (as 'already'); registered() registers a plugin that is not yet registered. "
+        "Unregister it first."
+    )), bbd.plugin.registered(plugin):
+        pass
+    assert bbd.plugin_manager().is_registered(plugin)  # left as it was
+
+
+def test_a_runtime_plugin_from_an_installed_distribution_names_that_distribution(registry):
+    import blackbox_diff_qp
+
+    registry([])  # the qp module registered by hand, not through its entry point
+    with bbd.plugin.registered(blackbox_diff_qp):
+        row = next(info for info in bbd.backends() if info.name == "qp")
+    assert row.package == "blackbox-diff"
+
+
+def test_compile_receives_the_validated_options_model(registry):
+    plugin = ToyPlugin()
+    with bbd.plugin.registered(plugin):
+        layer = bbd.layer("halve", scale="2", rtol=1e-12)  # "2" is coerced by the model; rtol goes to the engine
+        (options,) = plugin.received
+        backend = bbd.plugin.get_backend("toy-runtime")
+        assert isinstance(options, backend.Options) and options.scale == 2.0
+        assert dict(options) == {"scale": 2.0} and "scale" in options and "label" not in options
+        assert options["label"] == "x" and options.get("label", "unset") == "unset"
+        np.testing.assert_allclose(layer(torch.tensor(8.0)).item(), 2.0)
+        with pytest.raises(bbd.InputError, match=re.escape(
+            "Invalid options for Options: option 'scale': Input should be a valid number, unable to parse string "
+            "as a number (got 'big')."
+        )):
+            bbd.layer("halve", scale="big")
+        assert len(plugin.received) == 1  # an invalid option never reaches compile
+
+
+def test_a_backend_whose_options_are_a_plain_pydantic_model_keeps_working(registry):
+    """Written for the dict blackbox_diff passed before: Options(**options) and dict(options) still work."""
+    from pydantic import BaseModel, ConfigDict
+
+    seen = []
+
+    class Plain(bbd.AbstractBackend):
+        name: ClassVar[str] = "plain-options"
+
+        class Options(BaseModel):
+            model_config = ConfigDict(extra="forbid")
+            scale: float = 1.0
+
+        def accepts(self, problem):
+            return problem == "plain"
+
+        def compile(self, problem, parameters, variables, options):
+            seen.append((dict(options), isinstance(options, self.Options)))
+            opts = self.Options(**options)
+            return bbd.Compiled(solve=lambda w: w / opts.scale, condition=bbd.Root(lambda x, w: opts.scale * x - w),
+                                parameter_shapes=[()], backend=self.name)
+
+    layer = bbd.layer("plain", backend=Plain(), scale=4)
+    np.testing.assert_allclose(layer(torch.tensor(2.0)).item(), 0.5)
+    assert seen == [({"scale": 4.0}, True)]
+    with pytest.raises(bbd.InputError, match=re.escape("Invalid options for Options: option 'scale': Input should be "
+                                                       "a valid number")):
+        bbd.layer("plain", backend=Plain(), scale="x")
+
+
+def test_validate_options_takes_a_dict_a_model_or_none():
+    plugin = ToyPlugin()
+    with bbd.plugin.registered(plugin):
+        backend = bbd.plugin.get_backend("toy-runtime")
+    model = backend.validate_options({"scale": 3})
+    assert model.scale == 3.0 and backend.validate_options(model) is model
+    assert backend.validate_options(None).scale == 1.0
+    with pytest.raises(bbd.InputError, match=re.escape("unknown option 'scal'")):
+        backend.validate_options({"scal": 3})
+    with pytest.raises(bbd.InputError, match=re.escape(
+        "Backend 'toy-runtime': options must be a mapping of option names to values or an instance of its Options "
+        "model; got list."
+    )):
+        backend.validate_options([("scale", 3)])
+
+
+@pytest.mark.parametrize(
+    ("specs", "shapes"),
+    [
+        ([3, (2, 2), (), [4]], [(3,), (2, 2), (), (4,)]),
+        ([np.zeros((2, 3)), torch.zeros(5), 0.5, np.float64(2.0)], [(2, 3), (5,), (), ()]),
+        ([np.int64(2), (np.int64(1), 2), torch.Size([2, 1])], [(2,), (1, 2), (2, 1)]),
+        (None, None),
+        ([], []),
+    ],
+    ids=["ints-and-tuples", "examples", "numpy-ints", "none", "empty"],
+)
+def test_parse_shapes_accepts_shapes_lengths_and_examples(specs, shapes):
+    assert bbd.plugin.parse_shapes(specs) == shapes
+
+
+@pytest.mark.parametrize(
+    ("specs", "message"),
+    [
+        (["a"], "parameters[0] = 'a' is not a shape; expected a tuple of ints >= 0 such as (3,) or (), an int n >= 0 "
+                "for shape (n,), or an example array (or number) whose shape is taken."),
+        ([(3,), True], "parameters[1] = True is not a shape"),  # a bool is no length
+        ([-1], "parameters[0] = -1 is not a shape"),
+        ([(2, -1)], "parameters[0] = (2, -1) is not a shape"),
+        ([(2.0, 1)], "parameters[0] = (2.0, 1) is not a shape"),
+        ("34", "parameters must be a list with one entry per parameter (a shape tuple, an int n for "
+                          "shape (n,), or an example array); got str."),
+    ],
+    ids=["string", "bool", "negative", "negative-dim", "float-dim", "not-a-list"],
+)
+def test_parse_shapes_refuses_what_is_not_a_shape(specs, message):
+    with pytest.raises(bbd.InputError, match=re.escape(message)):
+        bbd.plugin.parse_shapes(specs)
+
+
+@pytest.mark.parametrize("spec", [0.5, (3,), 2, np.zeros((2, 2))], ids=["float", "tuple", "int", "array"])
+def test_scipy_and_subprocess_backends_read_shapes_alike(spec):
+    """One parser: both backends take the same declarations (a float is a scalar example in both)."""
+    expected = bbd.plugin.parse_shapes([spec])
+    scipy = bbd.layer(bbd.Root(lambda x, w: x - w.sum()), backend="scipy", x0=np.zeros(()), parameters=[spec])
+    exe = bbd.Executable([sys.executable, "-c", "pass"], io="json")
+    sub = bbd.layer(exe, condition=bbd.Root(lambda x, w: x - w.sum()), parameters=[spec])
+    assert list(scipy.compiled.parameter_shapes) == expected == list(sub.compiled.parameter_shapes)
+    with pytest.raises(bbd.InputError, match=re.escape("variables[0] = 'x' is not a shape")):
+        bbd.layer(exe, condition=bbd.Root(lambda x, w: x - w), parameters=[spec], variables=["x"])
+
+
+def test_version_comes_from_the_installed_metadata():
+    import importlib.metadata
+
+    assert bbd.__version__ == importlib.metadata.version("blackbox-diff")
+    assert bbd.__version__ == tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+
+
+def private_uses(source: str) -> list[str]:
+    """Private names of blackbox_diff a module imports or reads (``blackbox_diff._x``, ``from blackbox_diff
+    import _x``, ``bbd._x``)."""
+    import ast
+
+    found = []
+    aliases = {"blackbox_diff"}
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            for a in node.names:
+                if a.name.split(".")[0] == "blackbox_diff":
+                    aliases.add(a.asname or a.name)
+                    found += [a.name] if any(part.startswith("_") for part in a.name.split(".")) else []
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "blackbox_diff":
+            parts = node.module.split(".") + [a.name for a in node.names]
+            found += [f"{node.module}: {[a.name for a in node.names]}"] if any(p.startswith("_") for p in parts) else []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in aliases \
+                and node.attr.startswith("_") and not node.attr.startswith("__"):
+            found.append(f"{node.value.id}.{node.attr}")
+    return found
+
+
+def test_the_private_name_finder_finds_each_form():
+    assert private_uses("from blackbox_diff._options import parse_options") != []
+    assert private_uses("from blackbox_diff import KKT, _registry") != []
+    assert private_uses("import blackbox_diff._registry") != []
+    assert private_uses("import blackbox_diff as bbd\nbbd._registry.reset()") != []
+    assert private_uses("import blackbox_diff as bbd\nfrom blackbox_diff.plugin import parse_shapes\n"
+                        "from blackbox_diff_qp._solve import solve_qp\nbbd.__version__") == []
+
+
+def test_builtin_plugins_import_only_public_names_of_blackbox_diff():
+    """The built-in backends get nothing a third-party backend does not: no private module of the core."""
+    offenders = {}
+    for path in sorted([*(ROOT / "plugins").rglob("*.py"), *(ROOT / "examples" / "plugin_package").rglob("*.py")]):
+        found = private_uses(path.read_text())
+        if found:
+            offenders[str(path.relative_to(ROOT))] = found
+    assert offenders == {}

@@ -12,11 +12,11 @@ from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 
 import blackbox_diff as bbd
 from blackbox_diff import AbstractBackend, Compiled, InputError
-from blackbox_diff._options import parse_options
+from blackbox_diff.plugin import BackendOptions
 
 __all__ = ["CasadiBackend", "register_backends"]
 
@@ -32,7 +32,7 @@ class CasadiBackend(AbstractBackend):
     problem_types: ClassVar[str] = "casadi.Opti; nlpsol dict {'x','p','f','g'} (ipopt, sqpmethod, ...)"
     returns_duals: ClassVar[bool] = True
 
-    class Options(BaseModel):
+    class Options(BackendOptions):
         """Options of the CasADi backend (everything else goes to `bbd.implicit`)."""
 
         model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
@@ -85,7 +85,7 @@ class CasadiBackend(AbstractBackend):
         from blackbox_diff_casadi._nlp import from_dict, from_opti
         from blackbox_diff_casadi._solver import CasadiSolver
 
-        opts = parse_options(dict(options), self.Options)
+        opts = self.validate_options(options)
         if not ca.has_nlpsol(opts.solver):
             raise InputError(
                 f"CasADi has no nlpsol plugin {opts.solver!r} installed. Expected one of the plugins "
@@ -143,14 +143,7 @@ class _Outputs:
         return tuple(out)
 
 
-hookimpl = getattr(bbd, "hookimpl", None)
-if hookimpl is None:  # the registry is not there yet: a marker of the same project is equivalent
-    import pluggy
-
-    hookimpl = pluggy.HookimplMarker("blackbox_diff")
-
-
-@hookimpl
+@bbd.hookimpl
 def register_backends(register: Any) -> None:
     """Register the CasADi backend (its availability is checked lazily)."""
     register(CasadiBackend())

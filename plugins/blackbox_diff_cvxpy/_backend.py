@@ -12,10 +12,10 @@ import importlib.util
 from typing import Any, ClassVar
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 
 from blackbox_diff import AbstractBackend, Compiled, InputError
-from blackbox_diff._options import parse_options
+from blackbox_diff.plugin import BackendOptions
 
 from ._canon import ConeProgram, build_program
 from ._condition import ConeCondition
@@ -33,7 +33,7 @@ _ALIASES = {"DIFFCP": "CLARABEL", "CUCLARABEL": "CLARABEL"}
 _MAX_SETTINGS = 16  # Compiled kept per distinct solver settings (the canonicalisation is kept per solver)
 
 
-class CvxpyOptions(BaseModel):
+class CvxpyOptions(BackendOptions):
     """Options of the cvxpy backend (``bbd.layer(problem, ..., solver="SCS", solver_args={...})``)."""
 
     model_config = ConfigDict(extra="forbid")
@@ -138,7 +138,7 @@ class CvxpyBackend(AbstractBackend):
 
     def compile(self, problem, parameters, variables, options) -> Compiled:
         self.require()
-        opts: CvxpyOptions = parse_options(dict(options or {}), CvxpyOptions)
+        opts: CvxpyOptions = self.validate_options(options)
         handles = check_handles(problem, parameters, variables, opts.gp)
         compiler = _Compiler(problem, handles, opts)
         return compiler.compiled({})

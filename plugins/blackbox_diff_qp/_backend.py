@@ -5,10 +5,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 
 from blackbox_diff import AbstractBackend, Compiled, InputError, KKTSolution
-from blackbox_diff._options import parse_options
+from blackbox_diff.plugin import BackendOptions
 from blackbox_diff.qp import QuadraticProgram
 
 from ._condition import QPCondition
@@ -18,7 +18,7 @@ from ._solvers import check_solver_name
 __all__ = ["QPBackend", "QPSolve"]
 
 
-class QPOptions(BaseModel):
+class QPOptions(BackendOptions):
     """Options of the QP backend (everything else goes to `bbd.implicit`)."""
 
     model_config = ConfigDict(extra="forbid")
@@ -96,7 +96,7 @@ class QPBackend(AbstractBackend):
                 "The qp backend's parameters are always (Q, p, G, h, A, b) and its variable is z: pass neither "
                 "parameters= nor variables=."
             )
-        opts = parse_options(dict(options), QPOptions)
+        opts: QPOptions = self.validate_options(options)
         check_solver_name(opts.solver)
         n, m, pe = problem.n, problem.n_ineq, problem.n_eq
         dense = n + m + pe <= opts.dense_max

@@ -2,23 +2,21 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import numpy as np
-import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 
 from blackbox_diff import KKT, AbstractBackend, Argmin, Compiled, FixedPoint, InputError, Root
-from blackbox_diff._options import parse_options
+from blackbox_diff.plugin import BackendOptions, parse_shapes
 
 from ._conditions import BoxArgmin
 from ._solve import DEFAULT_METHODS, METHODS, ScipySolve
 
-__all__ = ["ScipyBackend", "ScipyOptions", "declared_shapes"]
+__all__ = ["ScipyBackend", "ScipyOptions"]
 
 
-class ScipyOptions(BaseModel):
+class ScipyOptions(BackendOptions):
     """Options of the scipy backend (``bbd.layer(cond, backend="scipy", x0=..., method=...)``)."""
 
     model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
@@ -66,33 +64,6 @@ class ScipyOptions(BaseModel):
     )
 
 
-def declared_shapes(parameters: Any) -> list[tuple[int, ...]] | None:
-    """``parameters=[shape | int | array, ...]`` -> list of shapes; None when nothing was declared."""
-    if parameters is None:
-        return None
-    if not isinstance(parameters, Sequence) or isinstance(parameters, str):
-        raise InputError(
-            f"parameters must be a list with one entry per layer argument (a shape tuple, an int n for shape "
-            f"(n,), or an example array); got {type(parameters).__name__}."
-        )
-    shapes = []
-    for i, spec in enumerate(parameters):
-        if isinstance(spec, bool):
-            spec = None
-        if isinstance(spec, int):
-            shapes.append((spec,))
-        elif isinstance(spec, (tuple, list)) and all(isinstance(n, int) and not isinstance(n, bool) for n in spec):
-            shapes.append(tuple(spec))
-        elif torch.is_tensor(spec) or isinstance(spec, (np.ndarray, float)):
-            shapes.append(tuple(np.shape(spec)))
-        else:
-            raise InputError(
-                f"parameters[{i}] = {spec!r} is not a shape; expected a tuple of ints such as (3,) or (), an "
-                "int n for shape (n,), or an example array whose shape is taken."
-            )
-    return shapes
-
-
 class ScipyBackend(AbstractBackend):
     """bbd.Argmin / bbd.KKT / bbd.Root / bbd.FixedPoint solved by scipy.optimize, fed torch derivatives.
 
@@ -119,7 +90,7 @@ class ScipyBackend(AbstractBackend):
                 f"The scipy backend solves bbd.Argmin, bbd.KKT, bbd.Root or bbd.FixedPoint; got "
                 f"{type(problem).__name__}."
             )
-        opts: ScipyOptions = parse_options(dict(options or {}), ScipyOptions)
+        opts: ScipyOptions = self.validate_options(options)
         kind = type(problem).__name__ if type(problem) in (Argmin, KKT, Root, FixedPoint) else _kind(problem)
         method = opts.method or DEFAULT_METHODS[kind]
         if opts.bounds is not None and kind == "Argmin" and opts.method is None:
@@ -133,7 +104,7 @@ class ScipyBackend(AbstractBackend):
                 f"scipy backend: bounds= applies to bbd.Argmin only; for {kind} state the bounds in the "
                 "problem (e.g. as inequality constraints of bbd.KKT)."
             )
-        variable_shapes = declared_shapes(variables) or []
+        variable_shapes = parse_shapes(variables, "variables") or []
         if len(variable_shapes) > 1:
             raise InputError(
                 f"The scipy backend solves for one unknown; variables declares {len(variable_shapes)} shapes. "
@@ -163,7 +134,7 @@ class ScipyBackend(AbstractBackend):
         return Compiled(
             solve=solve,
             condition=condition,
-            parameter_shapes=declared_shapes(parameters),
+            parameter_shapes=parse_shapes(parameters),
             variable_shapes=variable_shapes,
             outputs=None,
             options={},

@@ -2,20 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any, ClassVar
 
-import numpy as np
-import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 
 from blackbox_diff import AbstractBackend, AbstractCondition, Compiled, Executable, InputError
-from blackbox_diff._options import parse_options
+from blackbox_diff.plugin import BackendOptions, parse_shapes
 
 __all__ = ["SubprocessBackend", "SubprocessOptions"]
 
 
-class SubprocessOptions(BaseModel):
+class SubprocessOptions(BackendOptions):
     """Options of the subprocess backend."""
 
     model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
@@ -30,27 +27,6 @@ class SubprocessOptions(BaseModel):
         description="Run the instances of a batch concurrently (threads, each waiting on its own process), "
         "unless executor= is given.",
     )
-
-
-def _shapes(parameters: Any) -> list[tuple[int, ...]] | None:
-    if parameters is None:
-        return None
-    if not isinstance(parameters, Sequence) or isinstance(parameters, str):
-        raise InputError(f"parameters must be a list of shapes (tuples of ints); got {type(parameters).__name__}.")
-    out = []
-    for i, spec in enumerate(parameters):
-        if isinstance(spec, int) and not isinstance(spec, bool):
-            out.append((spec,))
-        elif isinstance(spec, (tuple, list)) and all(isinstance(n, int) and not isinstance(n, bool) for n in spec):
-            out.append(tuple(spec))
-        elif torch.is_tensor(spec) or isinstance(spec, np.ndarray):
-            out.append(tuple(spec.shape))
-        else:
-            raise InputError(
-                f"parameters[{i}] = {spec!r} is not a shape; expected a tuple of ints such as (3,) or (), an int "
-                "n for shape (n,), or an example array."
-            )
-    return out
 
 
 def _expecting(exe: Executable, variable_shapes: list[tuple[int, ...]]) -> Executable:
@@ -87,7 +63,7 @@ class SubprocessBackend(AbstractBackend):
         return isinstance(problem, Executable)
 
     def compile(self, problem, parameters, variables, options) -> Compiled:
-        opts: SubprocessOptions = parse_options(dict(options or {}), SubprocessOptions)
+        opts: SubprocessOptions = self.validate_options(options)
         if not isinstance(problem, Executable):
             raise InputError(f"The subprocess backend runs a bbd.Executable; got {type(problem).__name__}.")
         if not isinstance(opts.condition, AbstractCondition):
@@ -95,11 +71,12 @@ class SubprocessBackend(AbstractBackend):
                 f"The subprocess backend needs condition= an optimality condition (bbd.Root(F), ...); got "
                 f"{type(opts.condition).__name__}."
             )
-        variable_shapes = _shapes(variables) or ([problem.output_shape] if problem.output_shape is not None else [])
+        declared = parse_shapes(variables, "variables")
+        variable_shapes = declared or ([problem.output_shape] if problem.output_shape is not None else [])
         return Compiled(
             solve=_expecting(problem, variable_shapes),
             condition=opts.condition,
-            parameter_shapes=_shapes(parameters),
+            parameter_shapes=parse_shapes(parameters),
             variable_shapes=variable_shapes,
             outputs=None,
             options={"executor": "threads"} if opts.parallel else {},

@@ -38,29 +38,24 @@ class BrentqBackend(bbd.AbstractBackend):
 
     name: ClassVar[str] = "brentq"
     requires: ClassVar[tuple[str, ...]] = ("scipy",)
+    # The default hint names a blackbox-diff extra; a third-party backend names its own package.
+    install_hint: ClassVar[str] = "pip install bbd-brentq"
     problem_types: ClassVar[str] = "bbd_brentq.BracketedRoot (scalar equation on a bracket)"
     returns_duals: ClassVar[bool] = False
 
-    class Options(bbd.AbstractBackend.Options):
+    class Options(bbd.plugin.BackendOptions):  # pydantic; unknown keys are refused
         xtol: float = Field(1e-14, gt=0.0, description="brentq's absolute tolerance on x.")
-
-    def require(self) -> None:
-        # The default hint names a blackbox-diff extra; a third-party backend names its own package.
-        if not self.available():
-            raise bbd.BackendUnavailableError(
-                "Backend 'brentq' needs scipy, which is not installed. Install it with: pip install bbd-brentq"
-            )
 
     def accepts(self, problem: Any) -> bool:
         return isinstance(problem, BracketedRoot)
 
     def compile(self, problem, parameters, variables, options) -> bbd.Compiled:
-        opts = self.Options(**options)
-        shapes = None if parameters is None else [tuple(s) for s in parameters]
+        # bbd.layer passes the validated Options; a direct call may pass a dict: validate_options takes both.
+        opts = self.validate_options(options)
         return bbd.Compiled(
             solve=BrentqSolve(problem, opts.xtol),
             condition=bbd.Root(problem.F),
-            parameter_shapes=shapes,
+            parameter_shapes=bbd.plugin.parse_shapes(parameters),
             outputs=None,
             options={"linear_solver": "dense"},  # a 1x1 adjoint system
             backend=self.name,

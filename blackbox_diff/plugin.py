@@ -1,0 +1,53 @@
+"""The plugin author's API: everything a backend needs, the built-in backends included.
+
+A backend subclasses `AbstractBackend` (with its own `BackendOptions` model), compiles a problem into a
+`Compiled` (reading declared shapes with `parse_shapes`), and is registered by a module whose
+``register_backends`` hook is marked with `hookimpl` and named by an entry point of the group
+``blackbox_diff``. The registry functions below list, find and (for tests) temporarily register
+backends; `blackbox_diff.testing` checks a backend against the contract; `blackbox_diff.kkt` holds the
+active-set tools of KKT-based backends.
+
+The built-in backends (``plugins/blackbox_diff_*``) import nothing else from blackbox_diff than these
+public names, so a third-party backend can do whatever they do.
+"""
+
+from __future__ import annotations
+
+from blackbox_diff._backend import AbstractBackend, BackendOptions, Compiled, parse_shapes
+from blackbox_diff._hookspecs import PROJECT_NAME, hookimpl
+from blackbox_diff._registry import (
+    DISABLE_ENV,
+    BackendInfo,
+    PluginFailure,
+    PluginManager,
+    backends,
+    find_backend,
+    get_backend,
+    plugin_errors,
+    plugin_manager,
+    registered,
+    reload_plugins,
+)
+
+#: The entry-point group (and pluggy project name) plugins are published under.
+ENTRY_POINT_GROUP = PROJECT_NAME
+
+__all__ = [
+    "DISABLE_ENV",
+    "ENTRY_POINT_GROUP",
+    "AbstractBackend",
+    "BackendInfo",
+    "BackendOptions",
+    "Compiled",
+    "PluginFailure",
+    "PluginManager",
+    "backends",
+    "find_backend",
+    "get_backend",
+    "hookimpl",
+    "parse_shapes",
+    "plugin_errors",
+    "plugin_manager",
+    "registered",
+    "reload_plugins",
+]
