@@ -118,6 +118,7 @@ class CasadiBackend(AbstractBackend):
             outputs=_Outputs(nlp),
             options={},
             backend=self.name,
+            unknowns_shape=(kernels.n + kernels.m,),
         )
 
 

@@ -204,6 +204,7 @@ class _Compiler:
                 outputs=outputs,
                 backend=CvxpyBackend.name,
                 on_call=self.on_call,
+                unknowns_shape=getattr(condition, "unknowns_shape", None),
             )
         return self._compiled[key]
 

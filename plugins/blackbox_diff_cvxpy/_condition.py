@@ -167,6 +167,7 @@ class ConeCondition(AbstractCondition):
     def __init__(self, program: Any, *, precondition: bool = True, refine: bool = True,
                  linearization: bool = False, dense_max: int = 2000, with_duals: bool = False) -> None:
         self.program = program
+        self.unknowns_shape = (program.n + program.m,)  # z = (x, y), however the solver's answer comes out
         # The result handed to the outputs holds the cone program's dual y too (dual variables requested).
         self.with_duals = with_duals
         # A dense LU per instance costs (n + m)^2 memory: beyond dense_max the engine's Krylov solver runs.

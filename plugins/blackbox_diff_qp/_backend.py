@@ -108,5 +108,6 @@ class QPBackend(AbstractBackend):
             outputs=_outputs,
             options={},
             backend=self.name,
+            unknowns_shape=(n + pe + m,),
         )
 

@@ -139,6 +139,8 @@ class ScipyBackend(AbstractBackend):
             outputs=None,
             options={},
             backend=self.name,
+            # z is x itself except for KKT, whose multipliers' count the first answer tells
+            unknowns_shape=tuple(x_shape) if x_shape is not None and kind != "KKT" else None,
         )
 
 

@@ -81,4 +81,5 @@ class SubprocessBackend(AbstractBackend):
             outputs=None,
             options={"executor": "threads"} if opts.parallel else {},
             backend=self.name,
+            unknowns_shape=tuple(variable_shapes[0]) if len(variable_shapes) == 1 else None,
         )
