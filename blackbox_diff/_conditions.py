@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -56,6 +56,13 @@ class AbstractCondition(abc.ABC):
         ``|Q| |x| + |p| + |A^T| |y|`` for a QP's stationarity rows).
         """
         raise NotImplementedError  # never called: the engine checks whether a subclass overrides it
+
+    def certificate_blocks(self) -> Sequence[int] | None:
+        """Sizes of the consecutive parts of one instance's flattened `certificate` that are in their own
+        units (e.g. stationarity rows, then equality rows, then inequality rows), or None (the default: one
+        part). Certification's floor for components whose terms all vanish is taken per part, so a part in
+        units of 1e-6 beside one in units of 1 is not loosened by it. Called after `prepare`."""
+        return None
 
     def prepare(self, solution: Any, params: tuple[Any, ...], options: Any) -> tuple[torch.Tensor, tuple]:
         """Turn one black-box answer (already a tensor for this base) into (z, aux).
@@ -245,6 +252,14 @@ class KKT(AbstractCondition):
         if lam.numel():
             parts.append(active * self.g(x, *params) + (1 - active) * lam)
         return torch.cat(parts)
+
+    def certificate_blocks(self) -> Sequence[int] | None:
+        """Stationarity, equality rows, inequality rows, then the dropped equalities', inactive rows' and
+        multiplier signs' parts."""
+        if self._sizes is None:
+            return None
+        shape, p, m = self._sizes
+        return (shape.numel(), p, m, p, m, m)
 
     def certificate(self, z: torch.Tensor, active: torch.Tensor, kept: torch.Tensor, *params: Any) -> torch.Tensor:
         """Residual plus feasibility of dropped equalities and inactive inequalities, and dual feasibility of

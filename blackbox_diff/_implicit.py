@@ -298,6 +298,9 @@ class _BlackBoxCall(engine.Call):
         use_vmap = bool(getattr(self.condition, "vmappable", True))
         return _Residual(self.condition.residual_scale, self.shape, use_vmap)
 
+    def certificate_blocks(self):
+        return self.condition.certificate_blocks()
+
     def fresh(self, batched):
         new = super().fresh(batched)
         new._residual = None

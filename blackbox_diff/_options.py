@@ -36,10 +36,11 @@ class ImplicitOptions(BaseModel):
     residual_tol: float | None = Field(
         1e-5,
         gt=0.0,
-        description="Certification: every component of F(z, params) at the black box's answer must be at "
-        "most residual_tol relative to the size of the terms it is made of (|dF_i/dz_j z_j|, "
-        "|dF_i/dp_k p_k|), plus sqrt(residual_tol) x the instance's largest term; never below 100 eps of the "
-        "dtype. None disables certification.",
+        description="Certification: every component of F(z, params) at the black box's answer must be at most "
+        "residual_tol relative to the size of the terms it is made of (|dF_i/dz_j z_j|, |dF_i/dp_k p_k|), "
+        "plus sqrt(residual_tol) x the largest term of its part of the certificate (a condition's "
+        "certificate_blocks: stationarity, constraint rows, ...; the instance's largest term where there are "
+        "no parts or a part's terms vanish); never below 100 eps of the dtype. None disables certification.",
     )
     certify: Literal["raise", "warn"] = Field(
         "raise", description="What an uncertified answer does: fail that instance, or only warn."

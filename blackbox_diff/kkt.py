@@ -33,7 +33,7 @@ __all__ = [
 ]
 
 _RANK_RTOL = 1e-8  # singular values below this fraction of the largest (of unit-norm rows) are zero
-MAX_ENUMERATED = 12  # active constraints beyond this are not enumerated (2^12 subsets)
+MAX_ENUMERATED = 12  # weak or dependent active rows beyond this are not enumerated (2^12 subsets)
 
 
 def classify(g: torch.Tensor, lam: torch.Tensor, tol: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -164,13 +164,21 @@ def active_set_variants(grad_f: torch.Tensor, jh: torch.Tensor, jg: torch.Tensor
         p = jh.shape[0]
         full = torch.cat([jh, jg[act]]) if act else jh
         regular = rank(full) == full.shape[0]
-        if (regular and not weak) or len(act) > MAX_ENUMERATED:
+        if regular and not weak:
+            return None
+        # A strongly active row outside every dependency is in every admissible set (dropping it is never
+        # allowed), so only weak rows and rows in a dependency are enumerated.
+        full_rank = rank(full)
+        free = [j for j in act if j in weak or (not regular and rank(
+            torch.cat([jh, jg[[i for i in act if i != j]]])) == full_rank)]
+        fixed = [j for j in act if j not in free]
+        if len(free) > MAX_ENUMERATED:
             return None
         keep = independent_rows(jh)  # redundant equalities: any maximal independent subset states the same
         r0 = float((grad_f + jh.mT @ nu + jg.mT @ g_lam).norm()) if grad_f.numel() else 0.0
         found = []
-        for mask in range(1 << len(act)):
-            T = [j for k, j in enumerate(act) if mask >> k & 1]
+        for mask in range(1 << len(free)):
+            T = sorted(fixed + [j for k, j in enumerate(free) if mask >> k & 1])
             dropped = [j for j in act if j not in T]
             slack = 10 * r0 + 2 * active_tol * sum(float(jg[j].norm()) for j in dropped if j in weak)
             mult = _multipliers(grad_f, jh[keep], jg, T, dropped, weak, slack, 2 * active_tol)

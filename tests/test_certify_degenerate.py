@@ -170,3 +170,17 @@ def test_argmin_warns_at_a_saddle_point(n):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         fn(lambda w: np.r_[w, np.sqrt(5.0), np.zeros(n - 2)])(torch.tensor(0.3))
+
+
+def test_a_constraint_part_at_round_off_around_zero_is_judged_by_the_rest_of_the_instance():
+    # min (x - w)^2 s.t. x <= 0 at w = 1: x* = 0, lam = 2. The inequality part's terms all vanish (x ~ 0, no
+    # data): judged in its own units only, an answer at round-off (x = -1e-17) would be refused; it takes the
+    # instance's largest term instead, while an answer off by 1e-3 is still refused.
+    cond = bbd.KKT(lambda x, w: (x - w) ** 2, ineq=lambda x, w: x)
+    w = torch.tensor(1.0, requires_grad=True)
+    x = bbd.implicit(cond)(lambda w: bbd.KKTSolution(x=-1e-17, ineq=[2.0]))(w)
+    assert float(x) == -1e-17
+    (g,) = torch.autograd.grad(x, w)
+    assert float(g) == 0.0  # the bound holds x at 0 whatever w
+    with pytest.raises(bbd.CertificationError, match=re.escape("relative to the size of their terms")):
+        bbd.implicit(cond)(lambda w: bbd.KKTSolution(x=-1e-3, ineq=[2.0]))(w)

@@ -13,6 +13,7 @@ import abc
 import copy
 import dataclasses
 import warnings
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -81,6 +82,10 @@ class Call(abc.ABC):
 
     def scale_fn(self) -> Residual | None:
         """The batched size of the terms of each certificate component; None: estimated from derivatives."""
+        return None
+
+    def certificate_blocks(self) -> Sequence[int] | None:
+        """Sizes of the certificate's consecutive parts in their own units; None: one part."""
         return None
 
     def fail(self, err: BlackBoxDiffError, index: int | None) -> None:
@@ -298,7 +303,7 @@ class Call(abc.ABC):
             scale = term_scale(certificate, Zs, Ps) if system.functional else None
         if scale is None:  # no derivatives to size the terms with: the unknowns' size, as a last resort
             scale = (1.0 + Zs.abs().amax(dim=1, keepdim=True)).expand_as(C) if Zs.shape[1] else torch.ones_like(C)
-        rel = relative_residual(C, scale.to(C.dtype), tol)
+        rel = relative_residual(C, scale.to(C.dtype), tol, self.certificate_blocks())
         passed = []
         for k, r in enumerate(rows.tolist()):
             verdict = Verdict(rel[k], C[k], tol)

@@ -8,10 +8,12 @@ changing the units of z leaves the test unchanged; a global ``1 + max|z|`` would
 The term sizes are estimated with a few Rademacher probes, ``sqrt(mean_r ((J (z o r) + K (p o s))_i^2))``
 = ``||(J_ij z_j)_j, (K_ik p_k)_k||_2`` in expectation, by double VJPs; a condition may give exact ones
 (`AbstractCondition.residual_scale`). A floor of
-sqrt(tol) times the instance's largest term judges components whose terms all vanish (a root at 0, data
-that are 0 there) at an absolute level set by the rest of the instance: accurate answers with entries at
-round-off around 0 pass, and a large unknown elsewhere loosens the others by sqrt(tol) only (x2 off by
-10% beside an unknown of 1e6 is refused; a global ``1 + max|z|`` accepted it).
+sqrt(tol) times the largest term judges components whose terms all vanish (a root at 0, data that are 0
+there) at an absolute level set by the rest of the instance: accurate answers with entries at round-off
+around 0 pass, and a large unknown elsewhere loosens the others by sqrt(tol) only (x2 off by 10% beside an
+unknown of 1e6 is refused; a global ``1 + max|z|`` accepted it). A condition whose certificate has parts
+in different units (stationarity rows in the objective's units, constraint rows in the constraints')
+names them (`AbstractCondition.certificate_blocks`), and the floor is taken per part.
 """
 
 from __future__ import annotations
@@ -81,11 +83,30 @@ def _directional(fn, Z, params, dz, dps) -> torch.Tensor | None:
         return None
 
 
-def relative_residual(C: torch.Tensor, scale: torch.Tensor, tol: float) -> torch.Tensor:
-    """|C_i| / (scale_i + floor), floor = sqrt(tol) x the instance's largest term (k, m)."""
-    top = scale.amax(dim=1, keepdim=True) if scale.shape[1] else scale.new_zeros(scale.shape[0], 1)
-    floor = tol**0.5 * top + torch.finfo(C.dtype).tiny
-    return C.abs() / (scale + floor)
+def relative_residual(C: torch.Tensor, scale: torch.Tensor, tol: float,
+                      blocks: Sequence[int] | None = None) -> torch.Tensor:
+    """|C_i| / (scale_i + floor_i) (k, m).
+
+    floor_i = sqrt(tol) x the largest term of component i's block. `blocks` (sizes of consecutive
+    components, e.g. stationarity rows then constraint rows) are the certificate's parts in their own units:
+    a part in units of 1e-6 beside one in units of 1 is judged by its own terms, not loosened by the other's
+    (None: the whole certificate is one part). A part whose terms all vanish against the instance's largest
+    (round-off: below 100 eps of it, e.g. constraint rows at 0 with data 0) has nothing of its own to be
+    judged by: it takes the instance's largest term instead.
+    """
+    k, m = scale.shape[0], scale.shape[1]
+    tiny = torch.finfo(C.dtype).tiny
+    if not m:
+        return C.abs() / (scale + tiny)
+    top = scale.amax(dim=1, keepdim=True)
+    sizes = [b for b in blocks if b > 0] if blocks is not None and sum(blocks) == m else [m]
+    vanishing = 100 * torch.finfo(C.dtype).eps * top
+    tops = []
+    for part in scale.split(sizes, dim=1):
+        own = part.amax(dim=1, keepdim=True)
+        tops.append(torch.where(own > vanishing, own, top).expand(k, part.shape[1]))
+    floor = tol**0.5 * torch.cat(tops, dim=1)
+    return C.abs() / (scale + floor + tiny)
 
 
 def significant_digits(z: torch.Tensor, limit: int = 17) -> int:

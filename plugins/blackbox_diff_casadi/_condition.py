@@ -139,6 +139,11 @@ class CasadiKKT(AbstractCondition):
         out = np.nan_to_num(np.concatenate([F, viol, sign]), nan=np.inf)
         return torch.as_tensor(out, dtype=z.dtype, device=z.device)
 
+    def certificate_blocks(self) -> tuple[int, ...]:
+        """Stationarity, constraint rows, inactive rows' feasibility, multiplier signs."""
+        n, m = self.kernels.n, self.kernels.m
+        return (n, m, m, m)
+
     def residual_scale(self, z: torch.Tensor, alo: torch.Tensor, aup: torch.Tensor, *params: Any) -> torch.Tensor:
         """The size of the terms of each `certificate` component, exact from CasADi's sparse Jacobians:
         |d2L/dx2||x| + |grad f| + |dc/dx^T||lam| + |d2L/dxdp||p| for stationarity, |dc/dx||x| + |dc/dp||p| +

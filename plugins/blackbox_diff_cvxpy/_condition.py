@@ -244,6 +244,13 @@ class ConeCondition(AbstractCondition):
         data = self._data(extra, params)
         return torch.cat([self.raw_residual(z, active, data), self._feasibility(z, active, data)])
 
+    def certificate_blocks(self) -> tuple[int, ...]:
+        """Stationarity, zero and non-negative rows, conic rows, dropped equalities' and inactive rows'
+        feasibility, multiplier signs: each part in its own units."""
+        cones = self.program.cones
+        z0, start = cones.zero, cones.conic_start
+        return (self.program.n, start, self.program.m - start, start, start - z0)
+
     def residual_scale(self, z: torch.Tensor, *rest: Any) -> torch.Tensor:
         """The size of the terms of each `certificate` component: |P||x| + |c| + |A^T||y| for stationarity,
         |A||x| + |b| (+ |s| for conic rows) for rows, |w| for pinned multipliers, and for a multiplier's sign

@@ -93,6 +93,12 @@ class QPCondition(AbstractCondition):
         return torch.cat([F, (1 - active) * torch.relu(x @ G.mT - h), active * torch.relu(-lam),
                           (1 - kept) * (x @ A.mT - b)])
 
+    def certificate_blocks(self) -> tuple[int, ...]:
+        """Stationarity, equality rows, inequality rows, inactive rows' feasibility, multiplier signs,
+        dropped equalities: each part in its own units."""
+        n, pe, m = self.n, self.p, self.m
+        return (n, pe, m, m, m, pe)
+
     def residual_scale(self, z: torch.Tensor, *rest: Any) -> torch.Tensor:
         """The size of the terms of each `certificate` component: |Q||x| + |p| + |A^T||nu| + |G^T||lam| for
         stationarity, |A||x| + |b| and |G||x| + |h| for constraint rows, |lam| for pinned multipliers, and for
