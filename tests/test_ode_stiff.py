@@ -5,6 +5,7 @@ early. References are independent: scipy's Radau at rtol 1e-12, closed forms, ce
 
 from __future__ import annotations
 
+import math
 import re
 
 import numpy as np
@@ -185,3 +186,35 @@ def test_scipy_step_solver_accepts_an_answer_at_round_off():
 def test_malformed_fields_are_input_errors(func, y0, message):
     with pytest.raises(bbd.InputError, match=re.escape(message)):
         odeint(func, y0, [0.0, 1.0])
+
+
+# --- solutions decaying towards 0, and stage roots not connected to y_n ---------------------------------------
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_a_solution_decaying_to_1e_minus_7_is_solved_to_its_own_accuracy(method):
+    # Newton used to stop at the absolute level 1e-10 (1 + max|Y|), which certification (relative to each
+    # component's terms) rightly refused once y ~ 1e-7: y' = -y to t = 15 failed with the default method.
+    y = odeint(lambda t, y: -y, torch.tensor([1.0]), [0.0, 15.0], method=method, step_size=0.1)
+    exact = (1 / 1.1) ** 150 if method == "backward_euler" else math.exp(-15.0)  # BE: its own discrete flow
+    assert abs(float(y[-1, 0]) - exact) <= {"backward_euler": 1e-8, "trapezoid": 0.02}.get(method, 1e-3) * exact
+
+
+def test_gradient_of_a_fast_decay_is_the_discrete_flows_own():
+    # y' = -50 y is linear: the discretised y(1) is y0 times the method's amplification, so dy(1)/dy0 = y(1)/y0
+    # exactly, at ~1e-22, far below any absolute tolerance.
+    y0 = torch.tensor([0.9], requires_grad=True)
+    y = odeint(lambda t, y: -50 * y, y0, torch.linspace(0, 1, 5), step_size=0.05)
+    (g,) = torch.autograd.grad(y[-1, 0], y0)
+    assert 1e-23 < float(y[-1, 0]) < 1e-21
+    assert float(g) == pytest.approx(float(y[-1, 0]) / 0.9, rel=1e-9)
+
+
+def test_a_stage_root_on_the_wrong_equilibrium_is_caught_by_step_doubling():
+    # y' = -50 y (y - 1)(y - 2) from 0.9 decays to 0 (1 is unstable, 2 stable). Trapezoid's stage equation at
+    # h = 0.1 has a root near 2: taken, the solution ends at 1.999. Two half steps disagree with that step, so
+    # it is halved until they agree.
+    field = lambda t, y, k: -k * y * (y - 1) * (y - 2)  # noqa: E731
+    k = torch.tensor(50.0)
+    y = odeint(field, torch.tensor([0.9]), [0.0, 1.0], k, method="trapezoid", step_size=0.1)
+    assert abs(float(y[-1, 0])) < 1e-6
+    wrong = odeint(field, torch.tensor([0.9]), [0.0, 1.0], k, method="trapezoid", step_size=0.1, step_check="none")
+    assert float(wrong[-1, 0]) > 1.9  # what the residual checks alone accept

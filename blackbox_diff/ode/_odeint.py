@@ -80,9 +80,16 @@ class OdeOptions(BaseModel):
         "adjoint solution is verified against the exact (coupled) operator.",
     )
     newton_tol: float | None = Field(
-        None, gt=0.0, description="Newton stops at max|F| <= tol (1 + max|Y|); None: 1e-10 (float64), 1e-5."
+        None, gt=0.0, description="Newton stops at max|F| <= tol max|Y|; None: 1e-10 (float64), 1e-5."
     )
     newton_max_iter: int = Field(20, ge=1, description="Newton iteration cap per step.")
+    step_check: Literal["doubling", "none"] = Field(
+        "doubling",
+        description="'doubling': every step is compared with two half steps (about 3x the forward's root "
+        "solves); when they disagree grossly (by more than a quarter of the solution's size), the stage "
+        "equations' root is not the one connected to y_n (a stiff field with several equilibria and too large "
+        "a step) and the step is halved, or refused after 6 halvings. 'none': the residual checks only.",
+    )
     rtol: float = Field(1e-10, ge=0.0, description="Relative tolerance of iterative adjoint solves.")
     dense_max_size: int = Field(64, ge=0, description="'auto' solves densely up to this many unknowns.")
 
@@ -214,6 +221,36 @@ class _Integration:
         return z.reshape(k, s, d)
 
 
+def _check_by_doubling(run: _Integration, y, f0, Y, t, h, P, W) -> None:
+    """Compare the step's end value with two half steps' (each from its own start value); a gross
+    disagreement (beyond a quarter of the solution's size, per component, and 1e-2 of the instance's largest
+    value) means the stage equations' root is not the one connected to y_n: SolverError, so the step is
+    halved. The simplified-Newton factors of the full step are kept for the next one."""
+    k, s, d = Y.shape
+    saved = run.lu, run.lu_h
+    try:
+        with torch.no_grad():
+            half = 0.5 * h
+            y_mid = run.solve_stages(y, f0, y[:, None].expand(k, s, d).clone(), t, half, P, W)[:, -1]
+            f_mid = run.field(t + half, y_mid, P, W) if f0 is not None else None
+            y_half = run.solve_stages(y_mid, f_mid, y_mid[:, None].expand(k, s, d).clone(), t + half, half, P,
+                                      W)[:, -1]
+    finally:
+        run.lu, run.lu_h = saved
+    y_full = Y[:, -1].detach()
+    size = torch.maximum(torch.maximum(y.detach().abs(), y_full.abs()), y_half.abs())
+    floor = 1e-2 * size.amax(dim=1, keepdim=True)
+    gap = (y_full - y_half).abs()
+    bad = ~(gap <= 0.25 * size + floor)
+    if bool(bad.any()):
+        row, col = (int(i) for i in torch.nonzero(bad)[0])
+        raise SolverError(
+            f"the step from t = {float(t):.6g} (h = {float(h):.3g}) and two half steps disagree (component {col} "
+            f"of row {row}: {float(y_full[row, col]):.6g} against {float(y_half[row, col]):.6g}): the stage "
+            "equations have several roots and the full step found one not connected to y_n."
+        )
+
+
 def _call_user_solver(solver: Callable, res: Callable, z0: torch.Tensor) -> torch.Tensor:
     try:
         z = solver(res, z0)
@@ -280,6 +317,8 @@ class _StepCall(engine.Call):
             Y_safe = run.solve_stages(y, f0, safe, t, h, P, W)
             if float((Y - Y_safe).abs().max()) > 1e4 * run.tol * (1.0 + float(Y.abs().max())):
                 Y = Y_safe
+        if run.opts.step_check == "doubling":
+            _check_by_doubling(run, y, f0, Y, t, h, P, W)
         return engine.Answers(Y.reshape(k, s * d), (), torch.ones(k, dtype=torch.bool, device=y.device))
 
     def residual_fn(self):
