@@ -181,6 +181,9 @@ class _BlackBoxCall(engine.Call):
     def _aux_template(self, params) -> tuple:
         return ()
 
+    def answer_shape(self) -> str:
+        return f"{super().answer_shape()}, from the black box {_name(self.function.solve)}"
+
     def fail(self, err: BlackBoxDiffError, index: int | None, args: tuple | None = None) -> None:
         opts = self.options
         if args is None and getattr(self, "_args", None):
@@ -194,6 +197,7 @@ class _BlackBoxCall(engine.Call):
     def _unknowns(self, results, args, params, indices) -> tuple[list, list]:
         """Black-box answers -> per-instance unknowns and aux tensors (None where an instance failed)."""
         prepared: list[tuple[torch.Tensor, tuple] | None] = []
+        failed_shapes: list[tuple[int, ...]] = []
         for (ok, value), idx, call_args in zip(results, indices, args, strict=True):
             where = "" if idx is None else f" at batch index {idx}"
             try:
@@ -202,9 +206,11 @@ class _BlackBoxCall(engine.Call):
                 prepared.append(self._prepare(value, params, idx, where))
             except SolverError as err:
                 err.batch_index = idx if err.batch_index is None else err.batch_index
+                if getattr(err, "answer_shape", None) is not None:
+                    failed_shapes.append(err.answer_shape)
                 self.fail(err, idx, call_args)
                 prepared.append(None)
-        self.shape = self._agreed_shape(prepared, indices, args)
+        self.shape = self._agreed_shape(prepared, indices, args, failed_shapes)
         zs, auxes = [], []
         for item in prepared:
             zs.append(None if item is None else item[0])
@@ -242,20 +248,26 @@ class _BlackBoxCall(engine.Call):
         if degeneracy is not None:
             self.degeneracies[0 if idx is None else idx] = degeneracy
         if not bool(torch.isfinite(z).all()):
-            raise SolverError(
+            err = SolverError(
                 f"The black box returned NaN or Inf{where}: {z.flatten()[:6].tolist()}... Expected a finite "
                 "solution; a solver that failed should raise instead."
             )
+            err.answer_shape = tuple(z.shape)  # a NaN answer still says the output's shape
+            raise err
         return z, a
 
-    def _agreed_shape(self, prepared, indices, args) -> torch.Size:
-        """The solution shape: declared by the black box, else the majority's; odd instances are failed."""
+    def _agreed_shape(self, prepared, indices, args, failed_shapes=()) -> torch.Size:
+        """The solution shape: declared by the black box, else the majority's; odd instances are failed.
+        When every instance failed: the function's known shape, else the shape of the NaN answers."""
         declared = getattr(self.function.solve, "output_shape", None)
         shapes = [tuple(item[0].shape) for item in prepared if item is not None]
         if declared is not None:
             target = tuple(declared)
         elif not shapes and self.function.unknowns_shape is not None:
             target = tuple(self.function.unknowns_shape)  # every instance failed: shape the NaN output
+        elif not shapes and failed_shapes:
+            counts = collections.Counter(failed_shapes)
+            target = max(counts, key=lambda s: (counts[s], -failed_shapes.index(s)))
         elif shapes:
             counts = collections.Counter(shapes)
             target = max(counts, key=lambda s: (counts[s], -shapes.index(s)))

@@ -201,8 +201,40 @@ def test_an_answer_of_the_wrong_size_is_the_black_box_s_failure_and_nan_isolates
     cond = bbd.Root(lambda x, w: x**2 - w)
     short = bbd.implicit(cond, in_dims=0)(lambda w: np.sqrt(w)[:2])
     w = torch.tensor([[1.0, 4.0, 9.0], [1.0, 4.0, 9.0]])
-    with pytest.raises(bbd.SolverError, match=re.escape("at batch index 0 (shape (2,)): RuntimeError")):
+    with pytest.raises(bbd.SolverError, match=re.escape("at batch index 0 (shape (2,), from the black box '<lambda>'): RuntimeError")):
         short(w)
     with pytest.warns(RuntimeWarning, match=re.escape("Either the black box returned the wrong number of values")):
         out = bbd.implicit(cond, in_dims=0, on_failure="nan")(lambda w: np.sqrt(w)[:2])(w)
     assert bool(torch.isnan(out).all())
+
+
+# --- issue 14's table, row by row ----------------------------------------------------------------------------
+def test_black_box_returning_none_names_it_and_the_batch_index():
+    with pytest.raises(bbd.SolverError, match=re.escape("returned None; expected its solution")):
+        bbd.implicit(ROOT)(lambda w: None)(torch.tensor(4.0))
+    solve = lambda w: None if w > 5 else np.sqrt(w)  # noqa: E731
+    with pytest.raises(bbd.SolverError, match=re.escape("returned None at batch index 1")):
+        bbd.implicit(ROOT, in_dims=0)(solve)(torch.tensor([4.0, 9.0]))
+
+
+def test_black_box_returning_a_numeric_string_is_refused_not_parsed():
+    # "2" would convert with float(); a solver that prints its answer is still a bug to be named
+    with pytest.raises(bbd.SolverError, match=re.escape("returned a str ('2'); expected numbers")):
+        bbd.implicit(ROOT)(lambda w: "2")(torch.tensor(4.0))
+
+
+def test_ridge_inf_is_an_option_error():
+    with pytest.raises(bbd.InputError, match=re.escape("ridge")) as info:
+        bbd.implicit(ROOT, ridge=float("inf"))(np.sqrt)(torch.tensor(4.0))
+    assert "finite" in str(info.value)
+
+
+def test_first_instance_odd_is_blamed_by_the_majority():
+    solve = lambda w: np.array([np.sqrt(w), 0.0]) if w < 5 else np.sqrt(w)  # noqa: E731
+    w = torch.tensor([4.0, 9.0, 16.0])
+    with pytest.raises(bbd.SolverError, match=re.escape("returned shape (2,) at batch index 0, expected ()")):
+        bbd.implicit(ROOT, in_dims=0)(solve)(w)
+    with pytest.warns(RuntimeWarning, match=re.escape("at batch index 0")):
+        out = bbd.implicit(ROOT, in_dims=0, on_failure="nan")(solve)(w)
+    assert bool(torch.isnan(out[0])) and torch.allclose(out[1:], torch.tensor([3.0, 4.0]))
+
