@@ -201,7 +201,8 @@ def test_an_answer_of_the_wrong_size_is_the_black_box_s_failure_and_nan_isolates
     cond = bbd.Root(lambda x, w: x**2 - w)
     short = bbd.implicit(cond, in_dims=0)(lambda w: np.sqrt(w)[:2])
     w = torch.tensor([[1.0, 4.0, 9.0], [1.0, 4.0, 9.0]])
-    with pytest.raises(bbd.SolverError, match=re.escape("at batch index 0 (shape (2,), from the black box '<lambda>'): RuntimeError")):
+    expected = "at batch index 0 (shape (2,), from the black box '<lambda>'): RuntimeError"
+    with pytest.raises(bbd.SolverError, match=re.escape(expected)):
         short(w)
     with pytest.warns(RuntimeWarning, match=re.escape("Either the black box returned the wrong number of values")):
         out = bbd.implicit(cond, in_dims=0, on_failure="nan")(lambda w: np.sqrt(w)[:2])(w)
