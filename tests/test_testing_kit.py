@@ -53,7 +53,7 @@ def scipy_samples() -> list[Sample]:
 
 
 def cvxpy_samples() -> list[Sample]:
-    cp = pytest.importorskip("cvxpy")
+    import cvxpy as cp
     x, w, u = cp.Variable(2), cp.Parameter(2), cp.Parameter()
     problem = cp.Problem(cp.Minimize(cp.sum_squares(x - w)), [x >= 0, cp.sum(x) <= u])
     return [Sample(problem, instances=BOX_INSTANCES, parameters=[w, u], variables=[x], failing=BOX_FAILING,
@@ -61,7 +61,7 @@ def cvxpy_samples() -> list[Sample]:
 
 
 def casadi_samples() -> list[Sample]:
-    ca = pytest.importorskip("casadi")
+    import casadi as ca
     opti = ca.Opti()
     x, w, u = opti.variable(2), opti.parameter(2), opti.parameter()
     opti.minimize(ca.sumsqr(x - w))
