@@ -479,3 +479,15 @@ def test_solve_ivp_layer_forward_mode_reverse_transforms_and_clear_second_order_
         solve_ivp_layer(_decay, y0, t, fwAD.make_dual(k, torch.tensor(1.0)), sensitivity="adjoint")
     with pytest.raises(bbd.BlackBoxDiffError, match=re.escape("under torch.func.vmap")):
         torch.func.jacrev(lambda k: solve_ivp_layer(_decay, y0, t, k, sensitivity="adjoint"))(k)
+
+
+def test_forward_mode_and_a_backward_on_the_same_output_share_the_forward_graph():
+    # The JVP reuses the graph of F the forward kept for a backward, and leaves it for that backward.
+    fn = bbd.implicit(bbd.Root(lambda x, w: x**2 - w), in_dims=0)(np.sqrt)
+    w = torch.tensor([4.0, 9.0], dtype=torch.float64, requires_grad=True)
+    with fwAD.dual_level():
+        x = fn(fwAD.make_dual(w, torch.tensor([1.0, 2.0], dtype=torch.float64)))
+        tangent = fwAD.unpack_dual(x).tangent
+        x.sum().backward()
+    torch.testing.assert_close(tangent, torch.tensor([0.25, 2 / 6], dtype=torch.float64))
+    torch.testing.assert_close(w.grad, torch.tensor([0.25, 1 / 6], dtype=torch.float64))

@@ -456,7 +456,8 @@ def _solution_jvp(call: Call, Z, aux, params, tangents) -> torch.Tensor:
     if sub.functional and not any(t.requires_grad for t in live) and not _wrapped(*live):
         # A tangent nothing will differentiate: one graph of F for (dF/dp) p' and the solve, plain numerics.
         dots = [None if d is None else d.detach() for d in dots]
-        lin = Linearization(sub, Zs.detach(), [p.detach() for p in Ps])
+        # F's graph from the forward's certification when it kept one (left for a backward that may follow)
+        lin = call.linearization or Linearization(sub, Zs.detach(), [p.detach() for p in Ps])
         v = _solve_numeric(_LinearProblem(sub, False, lin), lin.jvp_params_graph(dots), Zs, Ps)
         return -_scatter(v, idx, Z)
     r = Linearization(sub, Zs, Ps).jvp_params(dots)

@@ -192,7 +192,7 @@ class Linearization:
             pairing = sum((g * t).sum() for g, (_, t) in zip(grads, pairs, strict=True) if g is not None)
         if not torch.is_tensor(pairing) or not pairing.requires_grad:
             return self._jvp_params_dense(list(tangents))
-        (out,) = torch.autograd.grad(pairing, c, allow_unused=True)
+        (out,) = torch.autograd.grad(pairing, c, allow_unused=True, retain_graph=True)  # R's graph may serve on
         return torch.zeros_like(R) if out is None else out
 
     # --- functional (differentiable, transform-friendly) -----------------------------------------
