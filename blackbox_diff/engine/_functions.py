@@ -293,8 +293,12 @@ def apply(call: Call, params: Sequence[torch.Tensor]) -> tuple[torch.Tensor, tup
         # A copy: the output is the caller's to modify in place; the saved answers are the backward's.
         return Z.clone(), aux
     Zs, Ps = call.point
-    with torch.enable_grad(), _GuardCaptures():
-        R = _ok_system(call)(Zs, Ps)
+    if grad and call.captures:
+        with torch.enable_grad(), _GuardCaptures():
+            R = _ok_system(call)(Zs, Ps)
+    else:  # forward mode only: F's tangent from captured dual tensors, nothing to guard for a backward
+        with torch.no_grad():
+            R = _ok_system(call)(Zs, Ps)
     tangent = torch.autograd.forward_ad.unpack_dual(R).tangent if forward_mode else None
     if not R.requires_grad and tangent is None:
         return Z.clone(), aux
