@@ -91,7 +91,7 @@ def test_replay_reruns_a_recorded_failure(tmp_path, capsys):
 def test_replay_help_documents_every_flag():
     import argparse
 
-    from blackbox_diff._replay import add_arguments
+    from blackbox_diff.tools._replay import add_arguments
 
     parser = argparse.ArgumentParser()
     add_arguments(parser)

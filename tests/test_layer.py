@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import blackbox_diff as bbd
-from blackbox_diff import _registry
+from blackbox_diff.plugin import _registry
 
 
 def linear_root(x, A, b):

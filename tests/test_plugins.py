@@ -1,6 +1,6 @@
 """The plugin registry: entry points (built-in and third-party), run-time registration, failures, the env var.
 
-Entry points are simulated by replacing `blackbox_diff._registry._entry_points` (the only place the
+Entry points are simulated by replacing `blackbox_diff.plugin._registry._entry_points` (the only place the
 registry lists them), with objects that load real modules written to a temporary directory.
 """
 
@@ -22,7 +22,7 @@ import pytest
 import torch
 
 import blackbox_diff as bbd
-from blackbox_diff import _hookspecs, _registry
+from blackbox_diff.plugin import _hookspecs, _registry
 
 try:
     import tomllib

@@ -13,9 +13,9 @@ public names, so a third-party backend can do whatever they do.
 
 from __future__ import annotations
 
-from blackbox_diff._backend import AbstractBackend, BackendOptions, Compiled, parse_shapes
-from blackbox_diff._hookspecs import PROJECT_NAME, hookimpl
-from blackbox_diff._registry import (
+from blackbox_diff.plugin._backend import AbstractBackend, BackendOptions, Compiled, parse_shapes
+from blackbox_diff.plugin._hookspecs import PROJECT_NAME, hookimpl
+from blackbox_diff.plugin._registry import (
     DISABLE_ENV,
     BackendInfo,
     PluginFailure,

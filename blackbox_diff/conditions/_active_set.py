@@ -7,9 +7,9 @@ from typing import Any
 
 import torch
 
-from blackbox_diff._batching import owned_tensor
-from blackbox_diff._conditions import KKTSolution
 from blackbox_diff._errors import SolverError
+from blackbox_diff.conditions._solution import KKTSolution
+from blackbox_diff.engine import Degeneracy, owned_tensor
 from blackbox_diff.kkt import active_set_variants, classify, recover_multipliers
 
 __all__ = ["kkt_degeneracy", "kkt_unknowns"]
@@ -84,8 +84,6 @@ def kkt_unknowns(cond, solution: Any, params: tuple, options: Any) -> tuple[torc
 
 def kkt_degeneracy(cond, z: torch.Tensor, aux: tuple, params: tuple, options: Any):
     """A `Degeneracy` for a bbd.KKT point with dependent or weakly active constraints, else None."""
-    from blackbox_diff.engine import Degeneracy
-
     with torch.no_grad():
         x, nu, lam = cond.split(z)
         grad_f, jh, jg = _jacobians(cond, x, params)
