@@ -33,11 +33,9 @@ import torch
 
 from blackbox_diff import AbstractCondition, KKTSolution
 
-__all__ = ["QPCondition", "REGULAR", "SINGULAR", "WEAK"]
+from ._degenerate import REGULAR, SINGULAR, WEAK, qp_degeneracy
 
-# What the forward found about an answer (the `status` aux entry): degeneracy() looks further only when
-# it is not REGULAR, so a regular instance costs nothing there.
-REGULAR, WEAK, SINGULAR = 0.0, 1.0, 2.0
+__all__ = ["QPCondition", "REGULAR", "SINGULAR", "WEAK"]
 
 
 class QPCondition(AbstractCondition):
@@ -143,8 +141,6 @@ class QPCondition(AbstractCondition):
         """The admissible active sets of a degenerate answer (see `blackbox_diff_qp._degenerate`)."""
         if float(aux[2].reshape(-1)[0]) == REGULAR:
             return None
-        from ._degenerate import qp_degeneracy
-
         return qp_degeneracy(self, z, aux, params)
 
     def finish(self, z: torch.Tensor, aux: tuple, options: Any) -> Any:
