@@ -6,6 +6,7 @@ theorem (see `blackbox_diff.engine._functions`). `bbd.implicit`, every `bbd.laye
 go through it.
 """
 
+from blackbox_diff.engine._batching import answer_dtype_device as answer_dtype_device
 from blackbox_diff.engine._batching import as_parameters as as_parameters
 from blackbox_diff.engine._batching import batch_layout as batch_layout
 from blackbox_diff.engine._batching import check_finite as check_finite

@@ -12,7 +12,21 @@ import torch
 
 from blackbox_diff._errors import InputError
 
-__all__ = ["as_parameters", "batch_layout", "check_finite", "instance_args", "owned_tensor"]
+__all__ = ["answer_dtype_device", "as_parameters", "batch_layout", "check_finite", "instance_args", "owned_tensor"]
+
+
+def answer_dtype_device(params: Sequence[Any]) -> tuple[torch.dtype, torch.device]:
+    """The dtype and device of the tensors made from a black box's answer, given the call's parameters.
+
+    Those of the first floating-point tensor among `params`; where there is none, float64 on the device
+    of the first tensor, or on the CPU. (A condition's ``prepare`` receives the parameters of one
+    instance; its unknowns must match them, in float32 as in float64, on CUDA as on the CPU.)
+    """
+    tensors = [p for p in params if torch.is_tensor(p)]
+    like = next((p for p in tensors if p.is_floating_point()), None)
+    if like is not None:
+        return like.dtype, like.device
+    return torch.float64, tensors[0].device if tensors else torch.device("cpu")
 
 
 def owned_tensor(value: Any, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
