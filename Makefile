@@ -23,11 +23,15 @@ install: $(STAMP) gfortran
 demo: $(STAMP)
 	$(BIN)/blackbox-diff demo
 
+# lint-imports: the architecture contracts of pyproject.toml's [tool.importlinter] (layers, private modules,
+# independent plugins, no cycles).
 lint: $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports
 
 test: $(STAMP) gfortran
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -n 2 --dist loadfile -q
 
 docs: $(STAMP)

@@ -66,8 +66,8 @@ def noop(Q: np.ndarray, c: np.ndarray) -> np.ndarray:
 @contextlib.contextmanager
 def chunked(enabled: bool) -> Iterator[None]:
     """Measure the engine's fan-out as it is (chunked), or forced to one task per instance."""
-    import blackbox_diff._implicit as engine
-    from blackbox_diff._batching import run_instances
+    import blackbox_diff.api._implicit as engine
+    from blackbox_diff.runtime import run_instances
 
     def one_per_task(solve: Callable, args: list, executor: Any, max_workers: int | None) -> list:
         return run_instances(solve, args, executor, max_workers, chunk_size=1)
@@ -131,7 +131,7 @@ def _best(fn: Callable[[], Any], repeat: int) -> float:
 
 def _measure(kind, workers, chunk, ex, cond, args, Q, c, reference, repeat) -> dict:
     import blackbox_diff as bbd
-    import blackbox_diff._implicit as engine
+    import blackbox_diff.api._implicit as engine
 
     with chunked(chunk):
         fan_out = engine.run_instances

@@ -7,9 +7,6 @@ z*; the implicit function theorem turns dL/dz* into dL/dparams with one adjoint 
 from importlib.metadata import PackageNotFoundError, version
 
 from blackbox_diff import deq, kkt, linalg, ode, plugin
-from blackbox_diff._backend import AbstractBackend, Compiled
-from blackbox_diff._checks import GradientReport, check_gradients, saved_tensor_bytes
-from blackbox_diff._conditions import KKT, AbstractCondition, Argmin, FixedPoint, KKTSolution, Root
 from blackbox_diff._errors import (
     BackendUnavailableError,
     BlackBoxDiffError,
@@ -20,15 +17,15 @@ from blackbox_diff._errors import (
     PluginError,
     SolverError,
 )
-from blackbox_diff._executable import Executable
-from blackbox_diff._hookspecs import hookimpl
-from blackbox_diff._implicit import ImplicitFunction, implicit
-from blackbox_diff._layer import layer
-from blackbox_diff._options import ImplicitOptions
-from blackbox_diff._registry import backends, plugin_manager
+from blackbox_diff.api import ImplicitFunction, implicit, layer
+from blackbox_diff.conditions import KKT, AbstractCondition, Argmin, FixedPoint, KKTSolution, Root
 from blackbox_diff.deq import DEQ, fixed_point_layer
+from blackbox_diff.engine import ImplicitOptions
 from blackbox_diff.ode import odeint, solve_ivp_layer
+from blackbox_diff.plugin import AbstractBackend, Compiled, backends, hookimpl, plugin_manager
 from blackbox_diff.qp import QPLayer
+from blackbox_diff.runtime import Executable
+from blackbox_diff.tools import GradientReport, check_gradients, saved_tensor_bytes
 
 try:
     __version__ = version("blackbox-diff")

@@ -10,7 +10,8 @@ import time
 import traceback
 from pathlib import Path
 
-from blackbox_diff._replay import add_arguments as _replay_arguments
+from blackbox_diff.plugin import backends
+from blackbox_diff.tools import add_replay_arguments, run_replay
 
 __all__ = ["main"]
 
@@ -68,10 +69,8 @@ def _run_script(path: Path, argv: list[str]) -> int:
 
 
 def _cmd_plugins(args: argparse.Namespace) -> int:
-    import blackbox_diff as bbd
-
     rows = [("name", "package", "available", "problem types", "duals", "note")]
-    for info in bbd.backends():
+    for info in backends():
         rows.append(
             (
                 info.name,
@@ -142,9 +141,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _cmd_replay(args: argparse.Namespace) -> int:
-    from blackbox_diff._replay import run
-
-    return run(args)
+    return run_replay(args)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -168,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
         "Exit status: 0 every record reproduced; 1 some did not, were not run or cannot be judged, or the file is "
         "empty; 2 the file or the arguments are invalid.",
     )
-    _replay_arguments(replay)
+    add_replay_arguments(replay)
     replay.set_defaults(func=_cmd_replay)
     # Options a command does not know (e.g. `demo neural_ode --epochs 3`) go to the script it runs.
     args, extra = parser.parse_known_args(argv)

@@ -20,9 +20,8 @@ from typing import Any
 import torch
 
 from blackbox_diff import engine
-from blackbox_diff._batching import check_finite
 from blackbox_diff._errors import InputError, SolverError
-from blackbox_diff._options import parse_options
+from blackbox_diff.engine import check_finite, parse_options
 
 __all__ = ["DEQ", "FixedPointResult", "anderson", "fixed_point_iteration", "fixed_point_layer"]
 

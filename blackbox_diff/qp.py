@@ -15,9 +15,9 @@ from typing import Any
 
 import torch
 
-from blackbox_diff._conditions import KKTSolution
 from blackbox_diff._errors import InputError
-from blackbox_diff._layer import Layer, layer
+from blackbox_diff.api import Layer, layer
+from blackbox_diff.conditions import KKTSolution
 
 __all__ = ["QPLayer", "QuadraticProgram"]
 

@@ -17,7 +17,7 @@ import scipy.optimize
 import torch
 
 import blackbox_diff as bbd
-from blackbox_diff._checks import NOISE_FACTOR
+from blackbox_diff.tools._checks import NOISE_FACTOR
 
 GRADIENT_SCALES = [1e-9, 1e-5, 1.0, 1e5, 1e9]
 

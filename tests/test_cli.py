@@ -91,10 +91,10 @@ def test_replay_reruns_a_recorded_failure(tmp_path, capsys):
 def test_replay_help_documents_every_flag():
     import argparse
 
-    from blackbox_diff._replay import add_arguments
+    from blackbox_diff.tools import add_replay_arguments
 
     parser = argparse.ArgumentParser()
-    add_arguments(parser)
+    add_replay_arguments(parser)
     flags = [opt for action in parser._actions for opt in action.option_strings if opt.startswith("--")]
     assert {"--index", "--solver", "--trust", "--json"} <= set(flags)
     proc = subprocess.run([str(SCRIPT), "replay", "--help"], capture_output=True, text=True, timeout=120)

@@ -489,7 +489,7 @@ def test_backend_is_registered_and_accepts_only_cvxpy_problems():
 def test_assembled_jacobian_is_the_residuals_derivative():
     # The LU preconditioner and the Newton refinement rely on J = dF/dz assembled by hand; check it
     # against autograd on a problem with every supported cone (zero, nonneg, SOC, PSD, exponential).
-    from blackbox_diff._options import ImplicitOptions
+    from blackbox_diff import ImplicitOptions
 
     rng = np.random.default_rng(11)
     x = cp.Variable(3)
@@ -514,7 +514,7 @@ def test_assembled_jacobian_is_the_residuals_derivative():
 
 def test_polyhedral_fast_path_factors_the_residuals_jacobian():
     # LP/QP answers are refined and factored in numpy; the LU handed to the residual must be J's.
-    from blackbox_diff._options import ImplicitOptions
+    from blackbox_diff import ImplicitOptions
 
     problem, params, x, values = _qp(seed=12)
     compiled = bbd.layer(problem, parameters=params, variables=[x]).compiled

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import blackbox_diff as bbd
-from blackbox_diff import _registry
+from blackbox_diff.plugin import find_backend
 
 
 def linear_root(x, A, b):
@@ -238,7 +238,7 @@ def test_cvxpy_problems_go_to_the_cvxpy_backend():
     x = cp.Variable(2)
     b = cp.Parameter(2)
     problem = cp.Problem(cp.Minimize(cp.sum_squares(x - b)))
-    assert _registry.find_backend(problem).name == "cvxpy"
+    assert find_backend(problem).name == "cvxpy"
 
 
 def test_solver_errors_name_the_backend_and_batch_index():

@@ -1,6 +1,6 @@
 """The plugin registry: entry points (built-in and third-party), run-time registration, failures, the env var.
 
-Entry points are simulated by replacing `blackbox_diff._registry._entry_points` (the only place the
+Entry points are simulated by replacing `blackbox_diff.plugin._registry._entry_points` (the only place the
 registry lists them), with objects that load real modules written to a temporary directory.
 """
 
@@ -22,7 +22,7 @@ import pytest
 import torch
 
 import blackbox_diff as bbd
-from blackbox_diff import _hookspecs, _registry
+from blackbox_diff.plugin import _hookspecs, _registry
 
 try:
     import tomllib
@@ -650,3 +650,23 @@ def test_builtin_plugins_import_only_public_names_of_blackbox_diff():
         if found:
             offenders[str(path.relative_to(ROOT))] = found
     assert offenders == {}
+
+
+def test_answer_dtype_device_follows_the_first_floating_parameter_and_owned_tensor_copies():
+    """The helper every KKT backend's `prepare` uses: an integer tensor first must not make the answer int64
+    (the "first tensor" shortcut), and no tensor at all gives float64 on the CPU."""
+    from blackbox_diff.plugin import answer_dtype_device, owned_tensor
+
+    ints, f32 = torch.tensor([1, 2]), torch.ones(2, dtype=torch.float32)
+    assert answer_dtype_device([3.0, ints, f32]) == (torch.float32, torch.device("cpu"))
+    assert answer_dtype_device([ints]) == (torch.float64, ints.device)
+    assert answer_dtype_device([np.ones(2), 1.0]) == (torch.float64, torch.device("cpu"))
+    array = np.arange(3.0)
+    out = owned_tensor(array, torch.float32, torch.device("cpu"))
+    array[0] = 9.0  # a black box reusing its workspace must not reach the answer
+    assert out.dtype == torch.float32 and out.tolist() == [0.0, 1.0, 2.0]
+    source = torch.zeros(2, dtype=torch.float64)
+    kept = owned_tensor(source, torch.float64, torch.device("cpu"))
+    source += 1.0
+    assert kept.tolist() == [0.0, 0.0]
+    assert owned_tensor(np.array([True, False]), torch.float64, torch.device("cpu")).tolist() == [1.0, 0.0]

@@ -17,8 +17,8 @@ import pytest
 import torch
 
 import blackbox_diff as bbd
-from blackbox_diff import _replay
-from blackbox_diff._replay import FORMAT, load_records, record_failure, replay
+from blackbox_diff.tools import _replay
+from blackbox_diff.tools._replay import FORMAT, load_records, record_failure, replay
 
 ROOT = bbd.Root(lambda x, w: x**2 - w)
 REPO = Path(__file__).resolve().parent.parent

@@ -21,8 +21,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import blackbox_diff as bbd
-from blackbox_diff._fortran_format import parse_format
-from blackbox_diff._textio import TextFormatError, parse_number, read_numbers, write_numbers
+from blackbox_diff.runtime._fortran_format import parse_format
+from blackbox_diff.runtime._textio import TextFormatError, parse_number, read_numbers, write_numbers
 
 NUMBERS = [
     ("0.2000000000000000D+01", 2.0),  # gfortran D24.16

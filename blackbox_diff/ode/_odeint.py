@@ -35,7 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from blackbox_diff import engine
 from blackbox_diff._errors import BlackBoxDiffError, InputError, SolverError
-from blackbox_diff._options import ImplicitOptions, parse_options
+from blackbox_diff.engine import ImplicitOptions, parse_options
 from blackbox_diff.ode._newton import newton, scipy_root
 from blackbox_diff.ode._tableaux import Tableau, dense_output
 

@@ -44,9 +44,8 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
-from blackbox_diff._backend import AbstractBackend
 from blackbox_diff._errors import InputError
-from blackbox_diff._registry import get_backend
+from blackbox_diff.plugin import AbstractBackend, get_backend
 from blackbox_diff.testing._checks import CHECKS, NEEDS_REFERENCE, RUNNERS
 from blackbox_diff.testing._context import Context, Failed, Skipped
 from blackbox_diff.testing._report import FAIL, PASS, SKIP, CheckResult, ConformanceError, ConformanceReport

@@ -12,10 +12,10 @@ from collections.abc import Callable
 import torch
 import torch.autograd.forward_ad as fwad
 
-from blackbox_diff._backend import Compiled
-from blackbox_diff._checks import _RATIO, FAIL, _entry_scale, _extrapolate, check_gradients
 from blackbox_diff._errors import BackendUnavailableError, CertificationError, InputError, SolverError
+from blackbox_diff.plugin import Compiled
 from blackbox_diff.testing._context import Context, Failed, Skipped, compare, flatten, grads, project
+from blackbox_diff.tools import FAIL, central_difference, check_gradients, entry_scale
 
 __all__ = ["CHECKS", "NEEDS_REFERENCE", "RUNNERS"]
 
@@ -198,7 +198,7 @@ def check_jvp(ctx: Context) -> str:
     refs = ctx.reference()
     params, rtol = ctx.instances[0], ctx.sample.rtol
     gen = torch.Generator().manual_seed(7)
-    tangents = [torch.randn(p.shape, generator=gen, dtype=torch.float64) * _entry_scale(p) for p in params]
+    tangents = [torch.randn(p.shape, generator=gen, dtype=torch.float64) * entry_scale(p) for p in params]
     weights = ctx.weights(refs[0].outputs)
     layer = ctx.layer()
     try:
@@ -215,12 +215,8 @@ def check_jvp(ctx: Context) -> str:
         with torch.no_grad():
             return float(project(flatten(layer(*[p + t * v for p, v in zip(params, tangents, strict=True)])), weights))
 
-    def diff(k: int) -> tuple[float, float]:
-        h = 1e-2 / _RATIO**k
-        return (along(h) - along(-h)) / (2 * h), h
-
     size = float(project([o.abs() for o in refs[0].outputs], [w.abs() for w in weights]))
-    fd = _extrapolate(diff, 7, torch.finfo(torch.float64).eps * size, rtol)
+    fd = central_difference(along, torch.finfo(torch.float64).eps * size, rtol)
     scale = max(abs(forward), abs(fd.estimate), 1e-8 * size, 1e-300)
     where = f"along a random direction at instance 0: forward mode gives {forward:.10g}"
     if not math.isfinite(fd.estimate) or abs(forward - fd.estimate) > rtol * scale + 3 * fd.uncertainty:

@@ -8,9 +8,9 @@ from typing import Any
 
 import torch
 
-from blackbox_diff._backend import AbstractBackend
-from blackbox_diff._conditions import KKTSolution
-from blackbox_diff._layer import Layer, layer
+from blackbox_diff.api import Layer, layer
+from blackbox_diff.conditions import KKTSolution
+from blackbox_diff.plugin import AbstractBackend
 
 __all__ = ["Context", "Failed", "Reference", "Skipped", "compare", "difference", "flatten", "grads", "project"]
 

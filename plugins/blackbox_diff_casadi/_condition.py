@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from blackbox_diff import AbstractCondition
+from blackbox_diff.plugin import answer_dtype_device, owned_tensor
 from blackbox_diff_casadi._active import settle
 from blackbox_diff_casadi._degenerate import casadi_degeneracy
 from blackbox_diff_casadi._kkt import KKTKernels
@@ -164,14 +165,11 @@ class CasadiKKT(AbstractCondition):
     def prepare(self, solution: Any, params: tuple[Any, ...], options: Any) -> tuple[torch.Tensor, tuple]:
         """(z, (a_lo, a_up)): the answer on the active set it settles on, polished onto it (`_active`)."""
         k = self.kernels
-        like = next((q for q in params if torch.is_tensor(q) and q.is_floating_point()), None)
-        dtype = like.dtype if like is not None else torch.float64
-        device = like.device if like is not None else torch.device("cpu")
+        fmt = answer_dtype_device(params)
         p = _flat_params(tuple(params))
         x, lam = np.asarray(solution.x, dtype=np.float64), np.asarray(solution.lam, dtype=np.float64)
         z, alo, aup = settle(k, x, lam, p, options.active_tol, polish=self.polish)
-        t = lambda a: torch.as_tensor(a, dtype=dtype, device=device)  # noqa: E731
-        return t(z), (t(alo), t(aup))
+        return owned_tensor(z, *fmt), (owned_tensor(alo, *fmt), owned_tensor(aup, *fmt))
 
     def degeneracy(self, z: torch.Tensor, aux: tuple, params: tuple, options: Any) -> Any:
         """The admissible active sets at a degenerate answer (`blackbox_diff_casadi._degenerate`)."""

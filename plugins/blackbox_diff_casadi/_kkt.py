@@ -61,7 +61,6 @@ class KKTKernels:
         prim = alo * (c - finite(lb)) + aup * (c - finite(ub)) + (1 - a) * lam
         z = ca.vertcat(x, lam)
         F = ca.vertcat(stat, prim)
-        w = sym.sym("w", n + m)
         args = [x, lam, alo, aup, p]
         K = ca.jacobian(F, z)
         sp = K.sparsity()
@@ -76,7 +75,6 @@ class KKTKernels:
         # One sweep per point gives everything forward and backward need: dF/dp is small (n_p columns),
         # so carrying its nonzeros makes the backward's parameter VJP a scatter-add instead of a CasADi call.
         self.point = ca.Function("point", args, [F, nz(K), c, lb, ub, nz(Jp)])
-        self.vjp = ca.Function("vjp", [*args, w], [ca.jtimes(F, z, w, True), ca.jtimes(F, p, w, True)])
         # Sizes of the terms of the constraint rows and of grad f (certification, active-set tolerances), and
         # the dense gradient and constraint Jacobian a degenerate point's active sets are examined with.
         Jc, gf = ca.jacobian(c, x), ca.gradient(f, x)
@@ -135,10 +133,6 @@ class KKTKernels:
 
     def constraint_values(self, x: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         return self._primal(x, p)[:3]
-
-    def vjps(self, z, alo, aup, p, w) -> tuple[np.ndarray, np.ndarray]:
-        jz, jp = self.vjp(*self._args(z, alo, aup, p), w)
-        return jz.full().reshape(-1), jp.full().reshape(-1)
 
     def vjp_params(self, z, alo, aup, p, w) -> np.ndarray:
         """(dF/dp)^T w at the point."""

@@ -32,12 +32,11 @@ import numpy as np
 import torch
 
 from blackbox_diff import AbstractCondition, KKTSolution
+from blackbox_diff.plugin import answer_dtype_device, owned_tensor
+
+from ._degenerate import REGULAR, SINGULAR, WEAK, qp_degeneracy
 
 __all__ = ["QPCondition", "REGULAR", "SINGULAR", "WEAK"]
-
-# What the forward found about an answer (the `status` aux entry): degeneracy() looks further only when
-# it is not REGULAR, so a regular instance costs nothing there.
-REGULAR, WEAK, SINGULAR = 0.0, 1.0, 2.0
 
 
 class QPCondition(AbstractCondition):
@@ -118,15 +117,13 @@ class QPCondition(AbstractCondition):
 
     # --- answer -> unknowns -> outputs ------------------------------------------------------------
     def prepare(self, solution: Any, params: tuple, options: Any) -> tuple[torch.Tensor, tuple]:
-        like = next((q for q in params if torch.is_tensor(q) and q.is_floating_point()), None)
-        dtype = like.dtype if like is not None else torch.float64
-        device = like.device if like is not None else torch.device("cpu")
+        fmt = answer_dtype_device(params)
         active = np.asarray(solution.active, dtype=bool)
         z = np.concatenate([solution.x, solution.eq, np.where(active, solution.ineq, 0.0)])
         status = SINGULAR if solution.singular else WEAK if np.any(solution.weak) else REGULAR
 
         def tensor(a: Any) -> torch.Tensor:
-            return torch.as_tensor(np.asarray(a, dtype=np.float64)).to(dtype=dtype, device=device)
+            return owned_tensor(a, *fmt)
 
         aux = (tensor(active), tensor(np.ones(self.p)), tensor([status]))
         if self.precondition:
@@ -149,8 +146,6 @@ class QPCondition(AbstractCondition):
         """The admissible active sets of a degenerate answer (see `blackbox_diff_qp._degenerate`)."""
         if float(aux[2].reshape(-1)[0]) == REGULAR:
             return None
-        from ._degenerate import qp_degeneracy
-
         return qp_degeneracy(self, z, aux, params)
 
     def finish(self, z: torch.Tensor, aux: tuple, options: Any) -> Any:

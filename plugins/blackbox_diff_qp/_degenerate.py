@@ -19,10 +19,13 @@ import torch
 from blackbox_diff.engine import Degeneracy
 from blackbox_diff.kkt import active_set_variants
 
-from ._condition import SINGULAR
 from ._kkt import factor
 
-__all__ = ["qp_degeneracy"]
+__all__ = ["REGULAR", "SINGULAR", "WEAK", "qp_degeneracy"]
+
+# What the forward found about an answer (the condition's `status` aux entry): the condition looks further
+# (`qp_degeneracy`) only when it is not REGULAR, so a regular instance costs nothing here.
+REGULAR, WEAK, SINGULAR = 0.0, 1.0, 2.0
 
 
 def _numpy(t: torch.Tensor) -> np.ndarray:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import blackbox_diff as bbd
 
 from ._backend import ScipyBackend, ScipyOptions
-from ._conditions import BoxArgmin
+from ._condition import BoxArgmin
 from ._solve import ScipySolve
 
 __all__ = ["BoxArgmin", "ScipyBackend", "ScipyOptions", "ScipySolve", "register_backends"]

@@ -10,7 +10,7 @@ from pydantic import ConfigDict, Field
 from blackbox_diff import KKT, AbstractBackend, Argmin, Compiled, FixedPoint, InputError, Root
 from blackbox_diff.plugin import BackendOptions, parse_shapes
 
-from ._conditions import BoxArgmin
+from ._condition import BoxArgmin
 from ._solve import DEFAULT_METHODS, METHODS, ScipySolve
 
 __all__ = ["ScipyBackend", "ScipyOptions"]

@@ -14,9 +14,9 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict
 
-from blackbox_diff._conditions import AbstractCondition
 from blackbox_diff._errors import BackendUnavailableError, InputError
-from blackbox_diff._options import parse_options
+from blackbox_diff.conditions import AbstractCondition
+from blackbox_diff.engine import parse_options
 
 __all__ = ["AbstractBackend", "BackendOptions", "Compiled", "parse_shapes"]
 

@@ -18,12 +18,11 @@ from typing import Any
 
 import torch
 
-from blackbox_diff._backend import AbstractBackend, Compiled
-from blackbox_diff._conditions import AbstractCondition, KKTSolution
 from blackbox_diff._errors import InputError, PluginError, SolverError
-from blackbox_diff._implicit import ImplicitFunction
-from blackbox_diff._options import ImplicitOptions, parse_options
-from blackbox_diff._registry import find_backend, get_backend
+from blackbox_diff.api._implicit import ImplicitFunction
+from blackbox_diff.conditions import AbstractCondition, KKTSolution
+from blackbox_diff.engine import ImplicitOptions, parse_options
+from blackbox_diff.plugin import AbstractBackend, Compiled, find_backend, get_backend
 
 __all__ = ["Layer", "layer"]
 

@@ -20,17 +20,18 @@ import numpy as np
 import torch
 
 from blackbox_diff import engine
-from blackbox_diff._batching import (
+from blackbox_diff._errors import BlackBoxDiffError, InputError, SolverError
+from blackbox_diff.conditions import AbstractCondition, KKTSolution
+from blackbox_diff.engine import (
+    ImplicitOptions,
     as_parameters,
     batch_layout,
     check_finite,
     instance_args,
     owned_tensor,
-    run_instances,
+    parse_options,
 )
-from blackbox_diff._conditions import AbstractCondition, KKTSolution
-from blackbox_diff._errors import BlackBoxDiffError, InputError, SolverError
-from blackbox_diff._options import ImplicitOptions, parse_options
+from blackbox_diff.runtime import record_failure, run_instances
 
 __all__ = ["ImplicitFunction", "implicit"]
 
@@ -189,8 +190,6 @@ class _BlackBoxCall(engine.Call):
         if args is None and getattr(self, "_args", None):
             args = self._args[0 if index is None else index]
         if opts.capture_failures is not None and args is not None:
-            from blackbox_diff._replay import record_failure
-
             record_failure(opts.capture_failures, self.function.solve, args, err, index)
         super().fail(err, index)
 

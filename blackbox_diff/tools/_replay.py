@@ -1,6 +1,6 @@
 """Replay of captured failures (`blackbox-diff replay FILE`), safe by default.
 
-Trust model. A capture file (written by ``capture_failures=``, see `blackbox_diff._capture`) is data: its
+Trust model. A capture file (written by ``capture_failures=``, see `blackbox_diff.runtime._capture`) is data: its
 parameters are only ever parsed as JSON numbers and nothing is unpickled. But a record also *names code*:
 the solver's import path (``module:qualname``) and, for a solver defined in a script, the script's file.
 Importing a module or loading a script runs its code, so replay never does that on the file's word:
@@ -34,8 +34,9 @@ from typing import Any
 
 import numpy as np
 
-from blackbox_diff._capture import FORMAT, record_failure, resolve, unwrap
 from blackbox_diff._errors import BlackBoxDiffError, CertificationError, InputError
+from blackbox_diff.api import ImplicitFunction
+from blackbox_diff.runtime import FORMAT, record_failure, resolve, unwrap
 
 __all__ = ["FORMAT", "ReplayResult", "add_arguments", "load_records", "load_solver", "main", "record_failure",
            "replay", "run"]
@@ -201,8 +202,6 @@ def load_solver(spec: str) -> Callable:
                          "file and the name.") from err
     if not callable(obj):
         raise InputError(f"--solver {spec!r} names a {type(obj).__name__}, not a callable solver.")
-    from blackbox_diff._implicit import ImplicitFunction
-
     return unwrap(obj) if isinstance(obj, ImplicitFunction) else obj
 
 

@@ -22,7 +22,7 @@ import re
 import numpy as np
 
 from blackbox_diff._errors import InputError
-from blackbox_diff._fortran_format import FortranFormat, Op
+from blackbox_diff.runtime._fortran_format import FortranFormat, Op
 
 __all__ = ["TextFormatError", "parse_number", "read_numbers", "write_numbers"]
 

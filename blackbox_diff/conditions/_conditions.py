@@ -8,13 +8,14 @@ written per instance with torch.func so the engine can vmap them over a batch an
 from __future__ import annotations
 
 import abc
-import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar, Literal
 
 import torch
 
 from blackbox_diff._errors import InputError
+from blackbox_diff.conditions._active_set import kkt_degeneracy, kkt_unknowns
+from blackbox_diff.conditions._solution import KKTSolution
 
 __all__ = ["AbstractCondition", "Argmin", "FixedPoint", "KKT", "KKTSolution", "Root", "Structure"]
 
@@ -162,23 +163,6 @@ class Argmin(AbstractCondition):
         return torch.func.grad(self._scalar)(z, *params)
 
 
-@dataclasses.dataclass
-class KKTSolution:
-    """A primal-dual point of ``min f(x) s.t. h(x) = 0, g(x) <= 0``.
-
-    Lagrangian convention: L = f + eq^T h + ineq^T g, with ineq >= 0.
-
-    Attributes:
-        x: the primal solution.
-        eq: multipliers of the equality constraints (None: recover them).
-        ineq: multipliers of the inequality constraints (None: recover them).
-    """
-
-    x: Any
-    eq: Any = None
-    ineq: Any = None
-
-
 def _flat(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
     if t is None:
         return like.new_zeros(0)
@@ -276,13 +260,9 @@ class KKT(AbstractCondition):
 
     # --- black-box answer -> unknowns ----------------------------------------------------------
     def prepare(self, solution: Any, params: tuple[Any, ...], options: Any) -> tuple[torch.Tensor, tuple]:
-        from blackbox_diff._active_set import kkt_unknowns
-
         return kkt_unknowns(self, solution, params, options)
 
     def degeneracy(self, z: torch.Tensor, aux: tuple, params: tuple, options: Any) -> Any:
-        from blackbox_diff._active_set import kkt_degeneracy
-
         return kkt_degeneracy(self, z, aux, params, options)
 
     def finish(self, z: torch.Tensor, aux: tuple, options: Any) -> Any:

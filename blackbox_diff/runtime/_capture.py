@@ -12,7 +12,7 @@ it can be attached to a bug report and read by any language. A record holds
      "batch_index": 2 | null, "timestamp": "2026-...Z", "versions": {"python": ..., "numpy": ..., ...}}
 
 Parameters are stored as nested lists of float64 numbers in Python's shortest round-trip notation, so a
-replay sees bit-identical inputs. `blackbox_diff._replay` reads these files back; it runs the code a
+replay sees bit-identical inputs. `blackbox_diff.tools.replay` reads these files back; it runs the code a
 record names only when its user says so (see its docstring: the trust model).
 """
 

@@ -7,9 +7,9 @@ from typing import Any
 
 import torch
 
-from blackbox_diff._batching import owned_tensor
-from blackbox_diff._conditions import KKTSolution
 from blackbox_diff._errors import SolverError
+from blackbox_diff.conditions._solution import KKTSolution
+from blackbox_diff.engine import Degeneracy, answer_dtype_device, owned_tensor
 from blackbox_diff.kkt import active_set_variants, classify, recover_multipliers
 
 __all__ = ["kkt_degeneracy", "kkt_unknowns"]
@@ -20,9 +20,9 @@ __all__ = ["kkt_degeneracy", "kkt_unknowns"]
 CANDIDATE_SLACK = 1e-5
 
 
-def _as_tensor(value: Any, like: torch.Tensor, what: str) -> torch.Tensor:
+def _as_tensor(value: Any, fmt: tuple[torch.dtype, torch.device], what: str) -> torch.Tensor:
     try:
-        return owned_tensor(value, like.dtype, like.device)
+        return owned_tensor(value, *fmt)
     except (TypeError, ValueError) as err:
         raise SolverError(f"The black box returned {what} that is not numeric: {value!r}.") from err
 
@@ -46,11 +46,9 @@ def _recover(cond, x: torch.Tensor, params: tuple, candidates: torch.Tensor):
 
 def kkt_unknowns(cond, solution: Any, params: tuple, options: Any) -> tuple[torch.Tensor, tuple]:
     """One black-box answer -> (z = [x, nu, a*lam], (a,)) with a the active-set indicator."""
-    like = next((p for p in params if torch.is_tensor(p)), torch.zeros((), dtype=torch.float64))
-    if not torch.is_floating_point(like):
-        like = torch.zeros((), dtype=torch.float64, device=like.device)
+    fmt = answer_dtype_device(params)
     sol = solution if isinstance(solution, KKTSolution) else KKTSolution(x=solution)
-    x = _as_tensor(sol.x, like, "x")
+    x = _as_tensor(sol.x, fmt, "x")
     h, g = cond.h(x, *params), cond.g(x, *params)
     sizes = (x.shape, h.numel(), g.numel())
     if cond._sizes is None:
@@ -60,8 +58,8 @@ def kkt_unknowns(cond, solution: Any, params: tuple, options: Any) -> tuple[torc
             f"KKT sizes differ between batch instances: x shape, #eq, #ineq = {cond._sizes} before, "
             f"{sizes} now. Every instance of a batch must have the same problem dimensions."
         )
-    nu = None if sol.eq is None else _as_tensor(sol.eq, like, "eq multipliers").reshape(-1)
-    lam = None if sol.ineq is None else _as_tensor(sol.ineq, like, "ineq multipliers").reshape(-1)
+    nu = None if sol.eq is None else _as_tensor(sol.eq, fmt, "eq multipliers").reshape(-1)
+    lam = None if sol.ineq is None else _as_tensor(sol.ineq, fmt, "ineq multipliers").reshape(-1)
     for name, val, count in (("eq", nu, sizes[1]), ("ineq", lam, sizes[2])):
         if val is not None and val.numel() != count:
             raise SolverError(
@@ -84,8 +82,6 @@ def kkt_unknowns(cond, solution: Any, params: tuple, options: Any) -> tuple[torc
 
 def kkt_degeneracy(cond, z: torch.Tensor, aux: tuple, params: tuple, options: Any):
     """A `Degeneracy` for a bbd.KKT point with dependent or weakly active constraints, else None."""
-    from blackbox_diff.engine import Degeneracy
-
     with torch.no_grad():
         x, nu, lam = cond.split(z)
         grad_f, jh, jg = _jacobians(cond, x, params)

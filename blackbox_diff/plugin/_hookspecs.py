@@ -16,12 +16,10 @@ declared here has a documented signature and a test.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 import pluggy
 
-if TYPE_CHECKING:  # the hook signature names the type; importing it here would be circular
-    from blackbox_diff._backend import AbstractBackend
+from blackbox_diff.plugin._backend import AbstractBackend
 
 __all__ = ["PROJECT_NAME", "hookimpl", "hookspec", "register_backends"]
 

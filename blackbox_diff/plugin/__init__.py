@@ -5,7 +5,8 @@ A backend subclasses `AbstractBackend` (with its own `BackendOptions` model), co
 ``register_backends`` hook is marked with `hookimpl` and named by an entry point of the group
 ``blackbox_diff``. The registry functions below list, find and (for tests) temporarily register
 backends; `blackbox_diff.testing` checks a backend against the contract; `blackbox_diff.kkt` holds the
-active-set tools of KKT-based backends.
+active-set tools of KKT-based backends. A condition's ``prepare`` turns the black box's answer into
+tensors of the parameters' dtype and device with `answer_dtype_device` and `owned_tensor`.
 
 The built-in backends (``plugins/blackbox_diff_*``) import nothing else from blackbox_diff than these
 public names, so a third-party backend can do whatever they do.
@@ -13,9 +14,10 @@ public names, so a third-party backend can do whatever they do.
 
 from __future__ import annotations
 
-from blackbox_diff._backend import AbstractBackend, BackendOptions, Compiled, parse_shapes
-from blackbox_diff._hookspecs import PROJECT_NAME, hookimpl
-from blackbox_diff._registry import (
+from blackbox_diff.engine import answer_dtype_device, owned_tensor
+from blackbox_diff.plugin._backend import AbstractBackend, BackendOptions, Compiled, parse_shapes
+from blackbox_diff.plugin._hookspecs import PROJECT_NAME, hookimpl
+from blackbox_diff.plugin._registry import (
     DISABLE_ENV,
     BackendInfo,
     PluginFailure,
@@ -41,10 +43,12 @@ __all__ = [
     "Compiled",
     "PluginFailure",
     "PluginManager",
+    "answer_dtype_device",
     "backends",
     "find_backend",
     "get_backend",
     "hookimpl",
+    "owned_tensor",
     "parse_shapes",
     "plugin_errors",
     "plugin_manager",

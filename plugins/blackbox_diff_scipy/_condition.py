@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from blackbox_diff import AbstractCondition, Argmin
+from blackbox_diff.engine import Degeneracy
 from blackbox_diff.kkt import classify, warn_weakly_active
 
 __all__ = ["BoxArgmin"]
@@ -80,8 +81,6 @@ class BoxArgmin(AbstractCondition):
         """Weakly active bounds: every held / free choice of them is an admissible statement (bounds on
         distinct entries are always independent), so the engine compares the derivatives under each and
         warns where they differ. Beyond MAX_WEAK weakly active bounds, the one warning without comparison."""
-        from blackbox_diff.engine import Degeneracy
-
         _, _, lo_weak, up_weak, tol = self._classify(z, params, options)
         weak = torch.nonzero((lo_weak | up_weak).reshape(-1)).flatten().tolist()
         if not weak:

@@ -226,6 +226,23 @@ def _extrapolate(diff: Callable[[int], tuple[float, float]], levels: int, floor:
     return out
 
 
+def central_difference(along: Callable[[float], float], floor: float, rtol: float, levels: int = 7) -> _Entry:
+    """d/dt along(t) at t = 0 by central differences at steps 1e-2 / 3.7^k, Richardson-extrapolated
+    (`_extrapolate`: the estimate, its uncertainty, and whether the output is quantised).
+
+    Args:
+        along: the black box's output along one direction, a float of the step t.
+        floor: the output's own noise (e.g. eps times its size); no uncertainty is claimed below floor / h.
+        rtol: the scan stops once the uncertainty is below rtol / 10 of the estimate.
+    """
+
+    def diff(k: int) -> tuple[float, float]:
+        h = 1e-2 / _RATIO**k
+        return (along(h) - along(-h)) / (2 * h), h
+
+    return _extrapolate(diff, levels, floor, rtol)
+
+
 def _select(out: _Entry, D: list[float], H: list[float], floor: float, quantum: float = 0.0) -> bool:
     """Consider the last level's extrapolation; True when its uncertainty grew past twice the best."""
     if len(D) < 3:
@@ -242,7 +259,7 @@ def _select(out: _Entry, D: list[float], H: list[float], floor: float, quantum: 
     return uncertainty > 2.0 * out.uncertainty
 
 
-def _entry_scale(p: torch.Tensor) -> torch.Tensor:
+def entry_scale(p: torch.Tensor) -> torch.Tensor:
     """Per-entry step scale: |entry|, or the parameter's RMS for zero entries, or 1 for a zero parameter."""
     a = p.detach().abs().double()
     rms = float(a.square().mean().sqrt()) if a.numel() else 0.0
@@ -321,7 +338,7 @@ def check_gradients(
         if errors:
             notes = f"{notes} (first: {errors[0][:200]})"
         fd, unc = fd.to(dtype=p.dtype, device=p.device), unc.to(dtype=p.dtype, device=p.device)
-        natural = size / float(_entry_scale(p).square().mean().sqrt()) if p.numel() else 0.0
+        natural = size / float(entry_scale(p).square().mean().sqrt()) if p.numel() else 0.0
         _record(report, implicit[i], fd, unc, natural, max(out_noise, sigma) / size if size > 0 else 0.0, notes)
     return report
 
@@ -337,7 +354,7 @@ def _output_noise(projected, base: list[torch.Tensor], spacing: float, gen: torc
     if not sum(p.numel() for p in base):
         return 0.0
     signs = [torch.randint(0, 2, p.shape, generator=gen).to(p) * 2 - 1 for p in base]
-    directions = [_entry_scale(p).to(p) * s for p, s in zip(base, signs, strict=True)]
+    directions = [entry_scale(p).to(p) * s for p, s in zip(base, signs, strict=True)]
     values = []
     for m in range(-(_NOISE_POINTS // 2), _NOISE_POINTS // 2 + 1):
         values.append(projected([p + m * spacing * d for p, d in zip(base, directions, strict=True)]))
@@ -356,7 +373,7 @@ def _differences(projected, base: list[torch.Tensor], i: int, steps: tuple[float
     """
     step, levels, rtol = steps
     p = base[i]
-    scale = _entry_scale(p).reshape(-1)
+    scale = entry_scale(p).reshape(-1)
     fd = torch.zeros(p.numel(), dtype=torch.float64)
     unc = torch.zeros(p.numel(), dtype=torch.float64)
     out_noise, failures, quantised, flat = 0.0, 0, [], []

@@ -31,9 +31,9 @@ from typing import Any
 
 import pluggy
 
-from blackbox_diff import _hookspecs
-from blackbox_diff._backend import AbstractBackend
 from blackbox_diff._errors import PluginError
+from blackbox_diff.plugin import _hookspecs
+from blackbox_diff.plugin._backend import AbstractBackend
 
 __all__ = [
     "DISABLE_ENV",

@@ -11,14 +11,14 @@ instance's parameters and writes its solution:
 * ``io="text"``: the legacy format: one line per parameter (its values flattened in C order, or column by
   column with ``input_order="F"``, free format or in the fields of ``input_format``); the output is the
   solution's numbers as Fortran and C programs write them (``D`` exponents, ``1.0-300``, NaN/Infinity
-  spellings: see `blackbox_diff._textio`), white-space separated or in the fixed-width fields of
+  spellings: see `blackbox_diff.runtime._textio`), white-space separated or in the fixed-width fields of
   ``output_format``, flattened in ``output_order``.
 
 ``argv`` may contain ``{input}`` and ``{output}``, replaced by the absolute paths of files in the run's
 private directory. Without ``{input}`` the input goes to the program's standard input; without
 ``{output}`` the solution is read from its standard output.
 
-Safety (`blackbox_diff._supervise` and `blackbox_diff._launcher`): an argument list, never a shell; a
+Safety (`blackbox_diff.runtime._supervise` and `_launcher`): an argument list, never a shell; a
 fresh private directory removed on every exit path; an explicit environment; one deadline for the whole
 run (start, run, reading the outputs) and one size cap for everything read from the program; output files
 read only if they are regular files inside the run directory; every process the program starts killed
@@ -40,11 +40,11 @@ from typing import Any
 
 import numpy as np
 
-from blackbox_diff import _supervise
-from blackbox_diff._conditions import KKTSolution
 from blackbox_diff._errors import InputError, SolverError
-from blackbox_diff._fortran_format import FortranFormat, parse_format
-from blackbox_diff._textio import TextFormatError, read_numbers, write_numbers
+from blackbox_diff.conditions import KKTSolution
+from blackbox_diff.runtime import _supervise
+from blackbox_diff.runtime._fortran_format import FortranFormat, parse_format
+from blackbox_diff.runtime._textio import TextFormatError, read_numbers, write_numbers
 
 __all__ = ["Executable"]
 
