@@ -11,8 +11,12 @@ solvers on Clarabel, and the degenerate LP vertex where DAQP's working set alone
 
 from __future__ import annotations
 
+import json
+import math
 import re
+import sys
 import warnings
+from pathlib import Path
 
 import cvxpy as cp
 import numpy as np
@@ -309,3 +313,23 @@ def test_degenerate_lp_vertex_is_flagged_though_daqps_working_set_looks_regular(
     assert len(messages) == 1
     assert "active inequality constraints [0, 1, 2] are linearly dependent (LICQ fails)" in messages[0]
     assert "The derivative of outputs [1] does not exist there" in messages[0]
+
+
+# --- the benchmark's table (issue 17's targets), in --fast mode -----------------------------------------------------
+
+
+def test_bench_qp_defaults_table_fast(capsys, tmp_path):
+    pytest.importorskip("cvxpylayers")
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import bench_qp
+
+    rows = bench_qp.main(["--defaults", "--fast", "--json", str(tmp_path / "defaults.json")])
+    out = capsys.readouterr().out
+    assert [(r["kind"], r["n"]) for r in rows] == [("LP", 10), ("LP", 20), ("QP", 10), ("QP", 20)]
+    assert json.loads((tmp_path / "defaults.json").read_text())["defaults"] == rows
+    for r in rows:
+        assert set(r["bbd_solvers"]) == {"DAQP"}  # the default route, in the benchmark too
+        assert r["bbd_grad_error"] < 1e-6 and math.isfinite(r["cvxpylayers_grad_error"])
+        assert all(r[k] > 0 for k in ("bbd_forward_ms", "bbd_backward_ms", "cvxpylayers_forward_ms",
+                                      "cvxpylayers_backward_ms"))  # times are printed, never asserted
+    assert "fwd cvxl" in out and "DAQP" in out
