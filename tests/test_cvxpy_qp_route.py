@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import pickle
 import re
 import sys
 import warnings
@@ -139,6 +140,37 @@ def test_without_daqp_the_default_is_clarabel(monkeypatch):
     layer = bbd.layer(problem, parameters=params, variables=[x])
     layer(*values)
     assert _counts(layer) == {"CLARABEL": 1}
+
+
+def test_an_answer_off_the_kkt_conditions_is_not_taken_from_daqp():
+    """The route's guard: DAQP's own answer passes, the same answer moved off (x by 1e-5, a multiplier's sign)
+    does not, so such an instance would go to Clarabel."""
+    problem, params, x, values = _qp(seed=11)
+    layer = bbd.layer(problem, parameters=params, variables=[x])
+    program = layer.compiled.condition.program
+    from blackbox_diff_cvxpy._theta import theta_numpy
+
+    P, c, A, b = program.dense(*program.data(theta_numpy(program.pieces, program.n_theta,
+                                                         [v.numpy() for v in values])))
+    z0 = program.cones.zero
+    answer = _qp_route.solve_qp((P, c, A, b), z0)
+    assert answer is not None and answer.solver == "DAQP"
+    assert _qp_route._kkt_close(P, c, A, b, z0, answer.x, answer.y)
+    assert not _qp_route._kkt_close(P, c, A, b, z0, answer.x + 1e-5, answer.y)
+    flipped = answer.y.copy()
+    k = z0 + int(np.argmax(answer.y[z0:]))
+    flipped[k] = -flipped[k]
+    assert answer.y[k] > 1e-3 and not _qp_route._kkt_close(P, c, A, b, z0, answer.x, flipped)
+
+
+def test_the_routed_black_box_pickles_for_process_executors():
+    problem, params, x, values = _qp(seed=12)
+    layer = bbd.layer(problem, parameters=params, variables=[x])
+    layer(*values)
+    clone = pickle.loads(pickle.dumps(layer.compiled.solve))
+    answer = clone(*[v.numpy() for v in values])
+    assert answer.solver == "DAQP" and dict(clone.solver_counts) == {"DAQP": 2}
+    np.testing.assert_allclose(answer.x, layer.compiled.solve(*[v.numpy() for v in values]).x, atol=1e-12)
 
 
 # --- gradients --------------------------------------------------------------------------------------------------
