@@ -109,10 +109,10 @@ class CountsSolvers:
     """Base of the cvxpy black boxes: `solver_counts` says which solver answered how many instances.
 
     Attributes:
-        solver_counts: instances answered per solver in this process, e.g. ``{"DAQP": 7, "CLARABEL": 1}``
-            (a `collections.Counter`). On the default route, CLARABEL counts the instances DAQP failed on
-            (whether Clarabel then solved them or not). Instances solved in worker processes (a process-pool
-            executor) are not counted here.
+        solver_counts: per solver, the instances (in this process) whose answer or failure came from it, e.g.
+            ``{"DAQP": 7, "CLARABEL": 1}`` (a `collections.Counter`). On the default route, CLARABEL counts the
+            instances DAQP gave no acceptable answer on (whether Clarabel then solved them or not). Instances
+            solved in worker processes (a process-pool executor) are not counted here.
     """
 
     def __init__(self) -> None:
