@@ -142,6 +142,23 @@ def test_without_daqp_the_default_is_clarabel(monkeypatch):
     assert _counts(layer) == {"CLARABEL": 1}
 
 
+def test_an_instance_daqp_fails_on_is_solved_by_clarabel(monkeypatch):
+    """DAQP stopped after one iteration (its iteration limit, a real failure of the real solver): that instance
+    goes to Clarabel, whose answer and gradient are the ones the route gives otherwise."""
+    problem, params, x, values = _qp(seed=13)
+    reference = bbd.layer(problem, parameters=params, variables=[x])
+    theta = [v.detach().clone().requires_grad_(True) for v in values]
+    (x_ref,) = reference(*theta)
+    g_ref = torch.autograd.grad(x_ref.sum(), theta)
+    monkeypatch.setattr(_qp_route, "QP_SETTINGS", {**_qp_route.QP_SETTINGS, "iter_limit": 1})
+    layer = bbd.layer(problem, parameters=params, variables=[x])
+    (x_t,) = layer(*theta)
+    assert _counts(reference) == {"DAQP": 1} and _counts(layer) == {"CLARABEL": 1}
+    torch.testing.assert_close(x_t.detach(), x_ref.detach(), atol=1e-8, rtol=0)
+    for g, r in zip(torch.autograd.grad(x_t.sum(), theta), g_ref, strict=True):
+        torch.testing.assert_close(g, r, atol=1e-7, rtol=0)
+
+
 def test_an_answer_off_the_kkt_conditions_is_not_taken_from_daqp():
     """The route's guard: DAQP's own answer passes, the same answer moved off (x by 1e-5, a multiplier's sign)
     does not, so such an instance would go to Clarabel."""
