@@ -20,9 +20,19 @@ qpth (OptNet's batched primal-dual interior-point QP layer, `pip install --no-de
 metadata pins numpy<2, which it does not need) runs its own solver on the same P, q, G, h, A, b at its default
 tolerance (eps 1e-12, at most 20 iterations), batched in torch. Its columns are skipped when it is not installed.
 
+Both layers on their defaults (--defaults): the table of issue 17's targets. The same QPs, and LPs of the
+same shape (minimise q^T x, with q = -(G^T lam + A^T nu), lam > 0, so that the LP is bounded), through
+`bbd.layer(problem, ...)` and cvxpylayers' `CvxpyLayer(problem, ...)` with no solver named: blackbox_diff
+routes these LP/QP-class problems to DAQP (the columns say which solver answered), cvxpylayers runs diffcp
+(SCS at its default tolerance, the batch spread over all CPUs). Forward and backward are timed alternately,
+best of the repeats; the gradient error is the largest over the first instances of the relative error of a
+directional derivative against central differences of a tight solve (Clarabel at 1e-12 for the QPs, HiGHS's
+simplex for the LPs: an exact vertex).
+
 Run:  python benchmarks/bench_qp.py [--fast] [--json out.json] [--sizes 10 50 200] [--batches 1 16 64]
       python benchmarks/bench_qp.py --qplayer-only ...   (QPLayer and qpth only, no cvxpy layers)
       python benchmarks/bench_qp.py --check-cost ...     (what certification and the degeneracy test cost)
+      python benchmarks/bench_qp.py --defaults [--sizes 50 100 200] [--defaults-batch 8]  (both on defaults)
 """
 
 from __future__ import annotations
@@ -61,6 +71,28 @@ def make_problem(n: int, seed: int = 0):
     A, b = cp.Parameter((p, n)), cp.Parameter(p)
     problem = cp.Problem(cp.Minimize(0.5 * cp.quad_form(x, P) + q @ x), [G @ x <= h, A @ x == b])
     return problem, [q, G, h, A, b], x
+
+
+def make_lp(n: int):
+    """The LP of the same shape: minimise q^T x s.t. G x <= h, A x = b (q, G, h, A, b parameters)."""
+    import cvxpy as cp
+
+    m, p = n, max(n // 4, 1)
+    x = cp.Variable(n)
+    q, G, h = cp.Parameter(n), cp.Parameter((m, n)), cp.Parameter(m)
+    A, b = cp.Parameter((p, n)), cp.Parameter(p)
+    problem = cp.Problem(cp.Minimize(q @ x), [G @ x <= h, A @ x == b])
+    return problem, [q, G, h, A, b], x
+
+
+def make_lp_batch(n: int, B: int, seed: int = 1) -> list[torch.Tensor]:
+    """Feasible (h = G x0 + slack, b = A x0) and bounded (q = -(G^T lam + A^T nu), lam > 0: dual feasible) LPs."""
+    q, G, h, A, b = make_batch(n, B, seed)
+    rng = np.random.default_rng(seed + 100)
+    lam = torch.tensor(rng.uniform(0.1, 1.0, tuple(h.shape)))
+    nu = torch.tensor(rng.standard_normal(tuple(b.shape)))
+    q = -(torch.einsum("bij,bi->bj", G, lam) + torch.einsum("bij,bi->bj", A, nu))
+    return [q, G, h, A, b]
 
 
 def make_batch(n: int, B: int, seed: int = 1) -> list[torch.Tensor]:
@@ -168,16 +200,45 @@ def fanout_times(n: int, B: int, repeats: int, workers: int = 2) -> dict:
     return out
 
 
-def _reference_loss(problem, params, x, values, w) -> float:
+def _reference_loss(problem, params, x, values, w, solver: str = "CLARABEL", polish=None) -> float:
     for handle, v in zip(params, values, strict=True):
         handle.value = v.numpy()
-    problem.solve(solver="CLARABEL", tol_gap_abs=1e-12, tol_gap_rel=1e-12, tol_feas=1e-12,
-                  tol_ktratio=1e-10, max_iter=500)
-    return float(w @ x.value)
+    if solver == "CLARABEL":
+        problem.solve(solver="CLARABEL", tol_gap_abs=1e-12, tol_gap_rel=1e-12, tol_feas=1e-12,
+                      tol_ktratio=1e-10, max_iter=500)
+    else:
+        problem.solve(solver=solver)
+    if polish is None:
+        return float(w @ x.value)
+    return float(w @ _polished(polish, values, x.value, problem.constraints[0].dual_value))
+
+
+def _polished(P: np.ndarray, values, x: np.ndarray, lam: np.ndarray) -> np.ndarray:
+    """The solution of min 1/2 x'Px + q'x s.t. Gx <= h, Ax = b solved exactly (numpy, dense KKT) on the active
+    set of a tight solve's answer x with multipliers lam (rows with lam > slack); x itself when the polished
+    point is not feasible with nonnegative multipliers (a wrong active set)."""
+    q, G, h, A, b = (v.numpy() for v in values)
+    slack = h - G @ x
+    act = lam > slack
+    Ga = G[act]
+    n, k, p = x.size, int(act.sum()), A.shape[0]
+    K = np.zeros((n + k + p, n + k + p))
+    K[:n, :n] = P
+    K[:n, n:n + k], K[n:n + k, :n] = Ga.T, Ga
+    K[:n, n + k:], K[n + k:, :n] = A.T, A
+    try:
+        sol = np.linalg.solve(K, np.concatenate([-q, h[act], b]))
+    except np.linalg.LinAlgError:
+        return x
+    xp, mult = sol[:n], sol[n:n + k]
+    scale = 1e-9 * (1.0 + np.abs(h).max() + np.abs(G).max() * np.abs(xp).max())
+    if (G @ xp - h).max(initial=-1.0) > scale or mult.min(initial=1.0) < -scale:
+        return x
+    return xp
 
 
 def gradient_error(layer, call, problem, params, x, values, h: float = 1e-5, seed: int = 2,
-                   with_jvp: bool = False) -> float | tuple[float, float]:
+                   with_jvp: bool = False, reference: str = "CLARABEL", polish=None) -> float | tuple[float, float]:
     """Relative error of the directional derivative against central differences of a tight solve.
 
     With `with_jvp`, also the error of the same directional derivative <w, (dx/dtheta) d> computed in forward
@@ -193,8 +254,8 @@ def gradient_error(layer, call, problem, params, x, values, h: float = 1e-5, see
     implicit = sum(float((g * d).sum()) for g, d in zip(grads, direction, strict=True))
     up = [v + h * d for v, d in zip(values, direction, strict=True)]
     down = [v - h * d for v, d in zip(values, direction, strict=True)]
-    fd = (_reference_loss(problem, params, x, up, w.numpy())
-          - _reference_loss(problem, params, x, down, w.numpy())) / (2 * h)
+    fd = (_reference_loss(problem, params, x, up, w.numpy(), reference, polish)
+          - _reference_loss(problem, params, x, down, w.numpy(), reference, polish)) / (2 * h)
     error = abs(implicit - fd) / max(abs(fd), 1e-12)
     if not with_jvp:
         return error
@@ -268,7 +329,8 @@ def run_case(n: int, B: int, repeats: int, with_error: bool, cvxpy_layers: bool 
             row["qpth_grad_error"] = gradient_error(qpth, _qpth_call, problem, params, x, single)
     if not cvxpy_layers:
         return row
-    ours = bbd.layer(problem, parameters=params, variables=[x])
+    # Both on Clarabel here (the --defaults table compares the two layers on their defaults).
+    ours = bbd.layer(problem, parameters=params, variables=[x], solver="CLARABEL")
     theirs = CvxpyLayer(problem, parameters=params, variables=[x])
     row["bbd_forward_ms"], row["bbd_backward_ms"] = (
         1e3 * t / B for t in _forward_backward(ours, values, repeats, _bbd_call)
@@ -292,6 +354,82 @@ def run_case(n: int, B: int, repeats: int, with_error: bool, cvxpy_layers: bool 
     return row
 
 
+def _cvxpylayers_defaults_call(layer, params):
+    return layer(*params)
+
+
+def _alternate(layers: dict, values, repeats: int) -> dict[str, tuple[float, float]]:
+    """(forward, backward) seconds of one batched call of each layer, timed alternately (one round of every
+    layer per repeat, so that a noisy stretch of the machine hits them alike), best of the repeats after a
+    warm-up call each."""
+    params = {name: [v.clone().requires_grad_(True) for v in values] for name in layers}
+    times = {name: ([], []) for name in layers}
+    for r in range(repeats + 1):
+        for name, (layer, call) in layers.items():
+            for p in params[name]:
+                p.grad = None
+            t = time.perf_counter()
+            out = call(layer, params[name])[0]
+            fwd = time.perf_counter() - t
+            t = time.perf_counter()
+            out.sum().backward()
+            bwd = time.perf_counter() - t
+            if r:  # round 0 is the warm-up (lazy imports, caches, the per-size canonicalisation)
+                times[name][0].append(fwd)
+                times[name][1].append(bwd)
+    return {name: (min(f), min(b)) for name, (f, b) in times.items()}
+
+
+def defaults_case(kind: str, n: int, B: int, repeats: int, error_instances: int = 3) -> dict:
+    """Both cvxpy layers on their defaults on a batch of B LPs or QPs of size n (issue 17's targets)."""
+    from cvxpylayers.torch import CvxpyLayer
+
+    problem, params, x = make_problem(n) if kind == "QP" else make_lp(n)
+    values = make_batch(n, B) if kind == "QP" else make_lp_batch(n, B)
+    ours = bbd.layer(problem, parameters=params, variables=[x])
+    theirs = CvxpyLayer(problem, parameters=params, variables=[x])
+    timed = _alternate({"bbd": (ours, _bbd_call), "cvxpylayers": (theirs, _cvxpylayers_defaults_call)}, values,
+                       repeats)
+    row = {"kind": kind, "n": n, "B": B}
+    for name, (fwd, bwd) in timed.items():
+        row[f"{name}_forward_ms"], row[f"{name}_backward_ms"] = 1e3 * fwd / B, 1e3 * bwd / B
+    row["forward_ratio"] = row["bbd_forward_ms"] / row["cvxpylayers_forward_ms"]
+    row["backward_speedup"] = row["cvxpylayers_backward_ms"] / row["bbd_backward_ms"]
+    row["bbd_solvers"] = dict(ours.compiled.solve.solver_counts)
+    reference = "CLARABEL" if kind == "QP" else "HIGHS"
+    P = fixed_hessian(n) if kind == "QP" else np.zeros((n, n))
+    for name, (layer, call) in {"bbd": (ours, _bbd_call), "cvxpylayers": (theirs, _cvxpylayers_defaults_call)}.items():
+        row[f"{name}_grad_error"] = max(
+            gradient_error(layer, call, problem, params, x, [v[i] for v in values], reference=reference, polish=P)
+            for i in range(min(B, error_instances)))
+    # The same against the unpolished tight solve (its own error, divided by the step, shows here).
+    row["bbd_grad_error_unpolished"] = max(
+        gradient_error(ours, _bbd_call, problem, params, x, [v[i] for v in values], reference=reference)
+        for i in range(min(B, error_instances)))
+    return row
+
+
+def _defaults_table(rows: list[dict]) -> str:
+    head = (f"{'':>2} {'n':>4} {'B':>3} | {'fwd bbd':>8} {'fwd cvxl':>8} {'ratio':>6} | {'bwd bbd':>8} "
+            f"{'bwd cvxl':>8} {'speedup':>8} | {'err bbd':>8} {'err cvxl':>8} {'bbd, raw':>9} | bbd solver")
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        solvers = ", ".join(f"{k} {v}" for k, v in sorted(r["bbd_solvers"].items()))
+        lines.append(
+            f"{r['kind']:>2} {r['n']:>4} {r['B']:>3} | {r['bbd_forward_ms']:8.3f} {r['cvxpylayers_forward_ms']:8.3f} "
+            f"{r['forward_ratio']:6.2f} | {r['bbd_backward_ms']:8.3f} {r['cvxpylayers_backward_ms']:8.3f} "
+            f"{r['backward_speedup']:7.1f}x | {r['bbd_grad_error']:8.1e} {r['cvxpylayers_grad_error']:8.1e} "
+            f"{r['bbd_grad_error_unpolished']:9.1e} | {solvers}"
+        )
+    lines.append("Both layers on their defaults (no solver named). ms per instance, best of the repeats, timed "
+                 "alternately; ratio = fwd bbd / fwd cvxpylayers (target <= 1); speedup = bwd cvxpylayers / bwd bbd "
+                 "(target >= 10); err = largest relative error of a directional derivative vs central differences "
+                 "(step 1e-5) of a tight solve (Clarabel at 1e-12 for QPs, HiGHS for LPs) polished on its active set "
+                 "in numpy, over the first 3 instances (target <= 2e-6); bbd, raw = bbd's against the unpolished "
+                 "tight solve; bbd solver = instances each solver answered (DAQP: the default route).")
+    return "\n".join(lines)
+
+
 def barely_active_errors(n: int = 50, B: int = 16, seed: int = 3) -> dict:
     """Gradient error on projections onto a box with barely active / barely inactive rows.
 
@@ -311,7 +449,8 @@ def barely_active_errors(n: int = 50, B: int = 16, seed: int = 3) -> dict:
     active = torch.tensor(gaps > 0, dtype=torch.float64)
     out = {}
     layers = {
-        "bbd_clarabel": (bbd.layer(problem, parameters=[p, u], variables=[x]), {}),
+        "bbd_clarabel": (bbd.layer(problem, parameters=[p, u], variables=[x], solver="CLARABEL"), {}),
+        "bbd_defaults": (bbd.layer(problem, parameters=[p, u], variables=[x]), {}),  # DAQP, the default route
         "bbd_scs": (bbd.layer(problem, parameters=[p, u], variables=[x], solver="SCS"), {}),
         "cvxpylayers_clarabel": (CvxpyLayer(problem, parameters=[p, u], variables=[x]),
                                  {"solver_args": {"solve_method": "Clarabel"}}),
@@ -484,7 +623,8 @@ def _table(rows: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--fast", action="store_true", help="n = 10 and 50, B = 1 and 16, 1 repeat")
-    parser.add_argument("--sizes", type=int, nargs="+", default=[10, 50, 200])
+    parser.add_argument("--sizes", type=int, nargs="+", default=None,
+                        help="problem sizes n (default 10 50 200; 50 100 200 with --defaults)")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 16, 64])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", type=Path, default=None, help="write the rows to this JSON file")
@@ -496,11 +636,29 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch intra-op threads (default 1: small batched ops lose to thread start-up, "
                         "badly so on a loaded machine; applies to both layers)")
+    parser.add_argument("--defaults", action="store_true",
+                        help="only both cvxpy layers on their defaults, LPs and QPs (issue 17's targets)")
+    parser.add_argument("--defaults-batch", type=int, default=8, help="batch size of the --defaults table")
     args = parser.parse_args(argv)
-    sizes, batches, repeats = args.sizes, args.batches, args.repeats
+    sizes = args.sizes or ([50, 100, 200] if args.defaults else [10, 50, 200])
+    batches, repeats = args.batches, args.repeats
     if args.fast:
-        sizes, batches, repeats = [10, 50], [1, 16], 1
+        sizes, batches, repeats = ([10, 20] if args.defaults else [10, 50]), [1, 16], 1
     torch.set_num_threads(args.threads)
+    if args.defaults:
+        B = 2 if args.fast else args.defaults_batch
+        rows = []
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # cvxpylayers/diffcp deprecation noise, SCS's inaccuracy warnings
+            for kind in ("LP", "QP"):
+                for n in sizes:
+                    rows.append(defaults_case(kind, n, B, max(repeats, 1)))
+                    print(f"  done {kind} n={n} B={B}", file=sys.stderr, flush=True)
+        print(_defaults_table(rows))
+        if args.json is not None:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps({"defaults": rows}, indent=2))
+        return rows
     if args.check_cost:
         rows = [r for n in sizes for B in batches for r in check_cost(n, B, max(repeats, 5))]
         print(_check_table(rows))

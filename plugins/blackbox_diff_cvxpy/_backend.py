@@ -20,6 +20,7 @@ from blackbox_diff.plugin import BackendOptions
 from ._canon import ConeProgram, build_program
 from ._condition import ConeCondition
 from ._problem import Handles, build_outputs, canonicalise, check_handles, check_values
+from ._qp_route import CountsSolvers, RoutedSolve, routable
 from ._solvers import SOLVERS, default_solver_args, solve_conic
 from ._theta import theta_numpy
 
@@ -42,7 +43,10 @@ class CvxpyOptions(BackendOptions):
         "CLARABEL",
         description="Conic solver: CLARABEL (default), SCS, ECOS or OSQP; cvxpy's constants (cp.SCS, ...) "
         "work. cvxpylayers' DIFFCP and CUCLARABEL run CLARABEL (DIFFCP: unless solver_args['solve_method'] "
-        "names another).",
+        "names another). Not given (and no solver_args, eps or verbose): an LP or QP (zero and non-negative "
+        "cones only, at most 2000 variables plus rows) is solved by DAQP, a dense active-set QP solver "
+        "(qpsolvers), with CLARABEL where DAQP fails or is not installed; other problems by CLARABEL. The "
+        "black box's solver_counts (layer.compiled.solve.solver_counts) says which solver answered.",
     )
     solver_args: dict[str, Any] = Field(
         default_factory=dict,
@@ -103,15 +107,18 @@ class CvxpyOptions(BackendOptions):
     )
 
 
-class DPPSolve:
-    """The black box for one instance of a DPP problem: apply the affine parameter map, run the solver."""
+class DPPSolve(CountsSolvers):
+    """The black box for one instance of a DPP problem: apply the affine parameter map, run the solver
+    (`solver_counts`: instances answered, see `CountsSolvers`)."""
 
     def __init__(self, program: ConeProgram, solver: str, args: dict[str, Any]) -> None:
+        super().__init__()
         self.program, self.solver, self.args = program, solver, args
         self.__name__ = f"cvxpy[{solver}]"
 
     def __call__(self, *params: np.ndarray):
         P, c, A, b = self.program.data(theta_numpy(self.program.pieces, self.program.n_theta, list(params)))
+        self._count(self.solver)
         answer = solve_conic(self.solver, P, c, A, b, self.program.cones, self.args)
         answer.data = self.program.dense(P, c, A, b)
         return answer
@@ -155,6 +162,9 @@ class _Compiler:
         self.problem, self.handles, self.opts = problem, handles, opts
         self.names = [f"parameter {i} ({p.name()!r})" for i, p in enumerate(handles.parameters)]
         self.solver = _check_solver(opts.solver)
+        # No solver named: LP/QP-class programs take the default route (DAQP, Clarabel as fallback).
+        self.auto = "solver" not in opts
+        self._programs: dict[str, ConeProgram] = {}  # per solver, DPP problems only
         self.logged: set[int] = set()  # parameters a geometric program takes the logarithm of
         self._parts: dict[str, tuple] = {}
         self._compiled: dict[str, Compiled] = {}
@@ -171,6 +181,7 @@ class _Compiler:
             pieces = canonical.pieces(handles.parameters)
             self.logged = {piece.index for piece in pieces if piece.log}
             program = build_program(canonical.param_prob, canonical.solver_instance, pieces)
+            self._programs[solver] = program
             outputs = build_outputs(canonical, problem, handles, opts.gp, opts.return_duals)
             condition = ConeCondition(program, precondition=opts.precondition, refine=opts.refine,
                                       dense_max=opts.dense_max, with_duals=with_duals)
@@ -189,15 +200,22 @@ class _Compiler:
         return parts
 
     def compiled(self, solver_args: dict[str, Any]) -> Compiled:
-        """The `Compiled` for the construction-time options with `solver_args` merged over theirs."""
-        solver, args = _solver_settings(self.solver, self.opts, {**self.opts.solver_args, **solver_args})
-        key = f"{solver}:{sorted(args.items(), key=lambda kv: kv[0])!r}"
+        """The `Compiled` for the construction-time options with `solver_args` merged over theirs.
+
+        With no solver named (no solver=, solver_args, eps or verbose), an LP/QP-class DPP problem is solved
+        by the default route (`_qp_route`): DAQP, with Clarabel (on these settings) where DAQP fails."""
+        merged = {**self.opts.solver_args, **solver_args}
+        route = self.auto and not merged and self.opts.eps is None and not self.opts.verbose
+        solver, args = _solver_settings(self.solver, self.opts, merged)
+        key = f"{solver}:{sorted(args.items(), key=lambda kv: kv[0])!r}:{route}"
         if key not in self._compiled:
             if len(self._compiled) >= _MAX_SETTINGS:  # settings varied call after call: keep the newest
                 self._compiled.pop(next(iter(self._compiled)))
             factory, condition, outputs = self._build(solver)
+            program = self._programs.get(solver)
+            routed = route and program is not None and routable(program)
             self._compiled[key] = Compiled(
-                solve=factory(args),
+                solve=RoutedSolve(program, args) if routed else factory(args),
                 condition=condition,
                 parameter_shapes=[tuple(p.shape) for p in self.handles.parameters],
                 variable_shapes=self.handles.shapes(self.problem),

@@ -38,10 +38,10 @@ def regular_lu(J: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
     lu, piv, info = torch.linalg.lu_factor_ex(Jr * c)
     if int(info) != 0 or not lu_regular(lu):
         return None
-    perm = torch.arange(J.shape[0], device=J.device)
+    order = list(range(J.shape[0]))
     for i, p in enumerate((piv - 1).tolist()):  # LAPACK's sequential row swaps -> the permutation
-        perm[[i, p]] = perm[[p, i]]
-    rp = r[perm]
+        order[i], order[p] = order[p], order[i]
+    rp = r[torch.as_tensor(order, device=J.device)]
     lower = torch.tril(lu, -1) * (rp[None, :] / rp[:, None])
     upper = torch.triu(lu) / rp[:, None] / c[None, :]
     return lower + upper, piv
@@ -78,6 +78,15 @@ def polyhedral_refine(data, x, y, s, z0: int, nn: int, tol: float, dense: bool =
         return float(np.abs(rows).max(initial=0.0))
 
     base = size(z_orig, act.astype(float))
+    # An exact solver's answer (an active-set QP solver) leaves the refinement nothing to improve: the
+    # refined point is kept when its residual is at round-off level, the same point solved on its active set.
+    magnitude = 1.0 + max(np.abs(A).max(initial=0.0), np.abs(P).max(initial=0.0) if P is not None else 0.0)
+
+    def roundoff(z):
+        return 1e3 * np.finfo(np.float64).eps * magnitude * (1.0 + float(np.abs(z).max(initial=0.0)) +
+                                                            float(np.abs(b).max(initial=0.0)) +
+                                                            float(np.abs(c).max(initial=0.0)))
+
     weak_pass = False
     for _ in range(max_swaps + 2):
         a = act.astype(float)
@@ -118,7 +127,7 @@ def polyhedral_refine(data, x, y, s, z0: int, nn: int, tol: float, dense: bool =
         if flip_on.any() or flip_off.any():
             act = (act | flip_on) & ~flip_off
             continue
-        if not size(z, a) < base:
+        if not size(z, a) <= max(base, roundoff(z)):
             return None
         weak_inactive = ~act & (slack_new <= scale)
         if weak_inactive.any() and not weak_pass:

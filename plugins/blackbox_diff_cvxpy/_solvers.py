@@ -30,6 +30,7 @@ class ConicAnswer:
     s: np.ndarray
     status: str
     data: Any = None  # dense (P, c, A, b) of the instance, for the refinement in the condition
+    solver: str = ""  # the solver that answered (CLARABEL, SCS, ECOS, OSQP, or DAQP on the default route)
 
 
 def _csc(M) -> sp.csc_matrix:
@@ -203,6 +204,7 @@ def solve_conic(solver: str, P, c, A, b, cones: ConeLayout, args: dict[str, Any]
             backend="cvxpy",
             status=err.status,
         ) from None
+    answer.solver = solver
     if not (np.all(np.isfinite(answer.x)) and np.all(np.isfinite(answer.y))):
         raise SolverError(
             f"cvxpy backend: solver {solver} reported {answer.status!r} but returned NaN/Inf values. "
