@@ -19,9 +19,10 @@ from blackbox_diff.plugin import BackendOptions
 
 from ._canon import ConeProgram, build_program
 from ._condition import ConeCondition
+from ._nondpp import compile_non_dpp
 from ._problem import Handles, build_outputs, canonicalise, check_handles, check_values
 from ._qp_route import CountsSolvers, RoutedSolve, routable
-from ._solvers import SOLVERS, default_solver_args, solve_conic
+from ._solvers import SOLVERS, check_cones, default_solver_args, solve_conic
 from ._theta import theta_numpy
 
 __all__ = ["CvxpyBackend", "DPPSolve"]
@@ -177,7 +178,7 @@ class _Compiler:
         with_duals = handles.wants_duals or opts.return_duals
         if (opts.gp and problem.is_dpp("dgp")) or (not opts.gp and problem.is_dpp()):
             canonical = canonicalise(problem, solver, opts.gp, canon_backend=opts.canon_backend)
-            _check_cones(canonical.param_prob, solver)
+            check_cones(canonical.param_prob, solver)
             pieces = canonical.pieces(handles.parameters)
             self.logged = {piece.index for piece in pieces if piece.log}
             program = build_program(canonical.param_prob, canonical.solver_instance, pieces)
@@ -193,8 +194,6 @@ class _Compiler:
                     "allow_non_dpp=False. Rewrite it in DPP form (see cvxpy's DPP tutorial), or pass "
                     "allow_non_dpp=True to canonicalise on every call (slower)."
                 )
-            from ._nondpp import compile_non_dpp
-
             parts = compile_non_dpp(problem, solver, handles, opts)
         self._parts[solver] = parts
         return parts
@@ -246,20 +245,6 @@ class _Compiler:
                 "solver_args={'eps': 1e-10}."
             )
         return self.compiled(extra)
-
-
-def _check_cones(param_prob: Any, solver: str) -> None:
-    dims = param_prob.cone_dims
-    if dims.pnd:
-        raise InputError(
-            f"The cvxpy backend does not differentiate n-dimensional power cones (cp.PowConeND; the problem "
-            f"has {len(dims.pnd)}). Write them with 3-d power cones (cp.PowCone3D), which are supported."
-        )
-    if dims.exp and solver not in ("CLARABEL", "SCS"):
-        raise InputError(
-            f"The cvxpy backend differentiates exponential cones with CLARABEL or SCS, not {solver} (whose "
-            "exponential cone orders its coordinates differently). Pass solver='CLARABEL'."
-        )
 
 
 def _check_solver(name: Any) -> str:

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from blackbox_diff import AbstractCondition
+from blackbox_diff.plugin import answer_dtype_device
 
 from ._canon import ConeLayout
 from ._expcone import exp_jacobian, project_exp
@@ -302,9 +303,7 @@ class ConeCondition(AbstractCondition):
         from ._degenerate import REGULAR, SINGULAR, UNCHECKED, WEAK
 
         answer, extra = (solution, ()) if not isinstance(solution, tuple) else (solution[0], solution[1:])
-        like = next((p for p in params if torch.is_tensor(p) and p.is_floating_point()), None)
-        dtype = like.dtype if like is not None else torch.float64
-        device = like.device if like is not None else torch.device("cpu")
+        dtype, device = answer_dtype_device(params)
 
         def tensor(a: Any) -> torch.Tensor:
             return torch.as_tensor(np.asarray(a, dtype=np.float64)).to(dtype=dtype, device=device)

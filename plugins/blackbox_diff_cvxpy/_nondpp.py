@@ -23,7 +23,7 @@ from blackbox_diff import InputError, SolverError
 from ._canon import ConeLayout, build_program
 from ._condition import ConeCondition
 from ._problem import Canonical, Handles, build_outputs, canonicalise
-from ._solvers import solve_conic
+from ._solvers import check_cones, solve_conic
 from ._theta import ThetaPiece, sequential_pieces, theta_numpy
 
 __all__ = ["LinearizedProgram", "compile_non_dpp"]
@@ -163,9 +163,8 @@ def compile_non_dpp(problem, solver: str, handles: Handles, opts) -> tuple:
         finally:
             for p, v in zip(parameters, saved, strict=True):
                 p.value = v
-    from ._backend import _check_cones
 
-    _check_cones(canonical.param_prob, solver)
+    check_cones(canonical.param_prob, solver)
     pieces = sequential_pieces(parameters)
     layout = LinearizedProgram(
         n=program.n, m=program.m, quadratic=data[0] is not None, cones=program.cones,

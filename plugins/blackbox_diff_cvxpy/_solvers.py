@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
-from blackbox_diff import SolverError
+from blackbox_diff import InputError, SolverError
 
 from ._canon import ConeLayout
 
@@ -213,3 +213,19 @@ def solve_conic(solver: str, P, c, A, b, cones: ConeLayout, args: dict[str, Any]
             status=answer.status,
         )
     return answer
+
+
+def check_cones(param_prob: Any, solver: str) -> None:
+    """Refuse cones the backend cannot differentiate with `solver` (n-d power cones; exponential cones
+    outside CLARABEL/SCS)."""
+    dims = param_prob.cone_dims
+    if dims.pnd:
+        raise InputError(
+            f"The cvxpy backend does not differentiate n-dimensional power cones (cp.PowConeND; the problem "
+            f"has {len(dims.pnd)}). Write them with 3-d power cones (cp.PowCone3D), which are supported."
+        )
+    if dims.exp and solver not in ("CLARABEL", "SCS"):
+        raise InputError(
+            f"The cvxpy backend differentiates exponential cones with CLARABEL or SCS, not {solver} (whose "
+            "exponential cone orders its coordinates differently). Pass solver='CLARABEL'."
+        )
