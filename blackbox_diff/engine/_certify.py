@@ -69,16 +69,21 @@ def _directional(fn, Z, params, dz, dps) -> torch.Tensor | None:
             grads = torch.autograd.grad(R, leaves, c, create_graph=True, allow_unused=True)
             if any(g is not None and not g.requires_grad for g in grads):
                 return None  # torch differentiates this condition once only: no second pass to size terms
-            out = []
-            for i in range(dz.shape[0]):
-                dirs = [dz[i]] + [d[i] for d, p in zip(dps, Pl, strict=True) if p.requires_grad]
-                pairing = sum((g * d).sum() for g, d in zip(grads, dirs, strict=True) if g is not None)
-                if not torch.is_tensor(pairing) or not pairing.requires_grad:
-                    out.append(torch.zeros_like(R))
-                    continue
-                (D,) = torch.autograd.grad(pairing, c, retain_graph=True, allow_unused=True)
-                out.append(torch.zeros_like(R) if D is None else D.detach())
-        return torch.stack(out)
+            dirs = [dz] + [d for d, p in zip(dps, Pl, strict=True) if p.requires_grad]
+            used = [(g, d) for g, d in zip(grads, dirs, strict=True) if g is not None and g.requires_grad]
+            if not used:
+                return torch.zeros((dz.shape[0], *R.shape), dtype=R.dtype, device=R.device)
+            # <grads(c), dirs_i> is linear in c: its gradient in c is J dirs_i, for all probes in one sweep
+            try:
+                (D,) = torch.autograd.grad([g for g, _ in used], c, [d for _, d in used], retain_graph=True,
+                                           is_grads_batched=True, allow_unused=True)
+            except (RuntimeError, NotImplementedError):  # an op without a batching rule: probe by probe
+                probes = [torch.autograd.grad([g for g, _ in used], c, [d[i] for _, d in used], retain_graph=True,
+                                              allow_unused=True)[0] for i in range(dz.shape[0])]
+                D = torch.stack([torch.zeros_like(R) if x is None else x for x in probes])
+        if D is None:
+            return torch.zeros((dz.shape[0], *R.shape), dtype=R.dtype, device=R.device)
+        return D.detach()
     except Exception:  # noqa: BLE001 - only once differentiable: no generic estimate
         return None
 

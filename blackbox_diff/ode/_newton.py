@@ -69,14 +69,14 @@ def newton(
         else:
             fresh = False
         step = torch.linalg.lu_solve(lu[0], lu[1], r.unsqueeze(-1)).squeeze(-1)
-        z_new, r_new, err_new = _descend(residual, z, step, err)
+        z_new, r_new, err_new = _descend(residual, z, step, err, bound)
         worse = ~(err_new < err) & (err > bound)
         if bool(worse.any()) and not fresh:
             # Stale factors gave a step that does not descend: refresh them here and redo the step.
             lu = _lu((refresh or jacobian)(z))
             fresh = True
             step = torch.linalg.lu_solve(lu[0], lu[1], r.unsqueeze(-1)).squeeze(-1)
-            z_new, r_new, err_new = _descend(residual, z, step, err)
+            z_new, r_new, err_new = _descend(residual, z, step, err, bound)
         prev = err
         z, r, err = z_new, r_new, err_new
     raise SolverError(
@@ -85,15 +85,17 @@ def newton(
     )
 
 
-def _descend(residual: Callable, z: torch.Tensor, step: torch.Tensor, err: torch.Tensor):
+def _descend(residual: Callable, z: torch.Tensor, step: torch.Tensor, err: torch.Tensor, bound: torch.Tensor):
     """z - a step, with a per-instance step length 1, 1/2, 1/4, ... (at most 10 halvings) chosen so that
-    max|F| decreases; instances where no length decreases it take the full step."""
+    max|F| decreases; instances where no length decreases it take the full step, and so do instances
+    already within `bound` (converged rows at round-off need not decrease: halving them costs residual
+    evaluations for nothing)."""
     alpha = torch.ones_like(err)
     z_new = z - step
     r_new = residual(z_new)
     err_new = r_new.abs().amax(dim=1)
     for _ in range(10):
-        bad = ~(err_new < err)
+        bad = ~(err_new < err) & ~(err <= bound)
         if not bool(bad.any()):
             break
         alpha = torch.where(bad, 0.5 * alpha, alpha)
