@@ -173,6 +173,11 @@ def active_set_variants(grad_f: torch.Tensor, jh: torch.Tensor, jg: torch.Tensor
             torch.cat([jh, jg[[i for i in act if i != j]]])) == full_rank)]
         fixed = [j for j in act if j not in free]
         if len(free) > MAX_ENUMERATED:
+            warnings.warn(
+                f"Degenerate point not examined: {len(free)} active inequality constraints are weakly active or "
+                f"linearly dependent ({free[:8]}{'...' if len(free) > 8 else ''}), more than the "
+                f"{MAX_ENUMERATED} whose one-sided active sets are compared. The derivative returned is that of "
+                "the answer's own active set and may be one-sided.", RuntimeWarning, stacklevel=3)
             return None
         keep = independent_rows(jh)  # redundant equalities: any maximal independent subset states the same
         r0 = float((grad_f + jh.mT @ nu + jg.mT @ g_lam).norm()) if grad_f.numel() else 0.0

@@ -519,3 +519,13 @@ def test_weakly_active_row_beside_many_strongly_active_rows_is_flagged():
         warnings.simplefilter("always")
         bbd.QPLayer()(torch.eye(n), -p, torch.eye(n), u, NONE, NONE)
     assert any("weakly active" in str(w.message) for w in caught)
+
+
+def test_more_weak_rows_than_the_toolkit_compares_is_said_not_silent():
+    # x = min(p, u) with all 14 rows weakly active (p = u): 2^14 one-sided sets are not enumerated, and the
+    # warning says the point was not examined rather than passing it for regular.
+    n = 14
+    u = torch.ones(n)
+    p = u.clone().requires_grad_(True)
+    with pytest.warns(RuntimeWarning, match=re.escape("Degenerate point not examined: 14 active inequality")):
+        bbd.QPLayer()(torch.eye(n), -p, torch.eye(n), u, NONE, NONE)

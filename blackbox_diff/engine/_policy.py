@@ -18,7 +18,6 @@ import torch
 
 from blackbox_diff import linalg
 from blackbox_diff._errors import InputError, LinearSolveError
-from blackbox_diff.linalg._result import make_solution
 
 __all__ = ["DENSIFY_FACTOR", "choose_solver", "solve_linear"]
 
@@ -132,7 +131,7 @@ def _solve(A_op, b, structure, options, materialize, what, op_t):
 
     if method == "identity":
         # The condition is preconditioned so that A = I at the answer: x = b, verified with one product.
-        sol = make_solution(
+        sol = linalg.make_solution(
             "identity", b, b - A_op(b), options.rtol * torch.linalg.vector_norm(b, dim=-1),
             torch.ones(B, dtype=torch.int64, device=b.device), torch.zeros(B, dtype=torch.bool, device=b.device),
         )
@@ -200,7 +199,7 @@ def _cgne(A_op, op_t, ridge: float, b: torch.Tensor, options) -> linalg.LinearSo
     At = (lambda v: op_t(v) + ridge * v) if ridge else op_t
     y = linalg.cg(lambda v: A_op(At(v)), b, rtol=options.rtol, max_steps=options.max_steps)
     x = At(y.x)
-    return make_solution("cgne", x, b - A_op(x), options.rtol * torch.linalg.vector_norm(b, dim=-1),
+    return linalg.make_solution("cgne", x, b - A_op(x), options.rtol * torch.linalg.vector_norm(b, dim=-1),
                          y.iterations, y.breakdown)
 
 

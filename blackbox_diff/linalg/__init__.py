@@ -16,7 +16,8 @@ raise because an instance failed; choosing a solver, escalating and regularising
 | `dense_solve` | small, square | LU with partial pivoting |
 | `lstsq_solve` | rank-deficient, rectangular | SVD pseudo-inverse (minimum norm) |
 
-`materialize` turns a ``matvec`` into dense matrices for the two direct solvers.
+`materialize` turns a ``matvec`` into dense matrices for the two direct solvers; `make_solution` builds a
+`LinearSolution` from a solution and its true residual (for solvers written outside this package).
 """
 
 from ._bicgstab import bicgstab
@@ -26,7 +27,7 @@ from ._gmres import gmres
 from ._krylov import Matvec
 from ._minres import minres
 from ._neumann import neumann
-from ._result import LinearSolution
+from ._result import LinearSolution, make_solution
 
 __all__ = [
     "LinearSolution",
@@ -36,6 +37,7 @@ __all__ = [
     "dense_solve",
     "gmres",
     "lstsq_solve",
+    "make_solution",
     "materialize",
     "minres",
     "neumann",
