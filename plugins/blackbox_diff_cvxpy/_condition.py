@@ -31,12 +31,14 @@ import numpy as np
 import torch
 
 from blackbox_diff import AbstractCondition
+from blackbox_diff.kkt import classify
 from blackbox_diff.plugin import answer_dtype_device
 
 from ._canon import ConeLayout
+from ._degenerate import REGULAR, SINGULAR, UNCHECKED, WEAK, cone_degeneracy
 from ._expcone import exp_jacobian, project_exp
 from ._powcone import project_pow
-from ._refine import polyhedral_refine
+from ._refine import polyhedral_refine, regular_lu
 from ._theta import theta_torch
 
 __all__ = ["ConeCondition", "project_psd", "project_soc"]
@@ -298,10 +300,6 @@ class ConeCondition(AbstractCondition):
         """(z, aux): the answer refined on its active set (LP/QP exactly, in numpy; other cones by Newton
         steps), with aux = (active, LU and pivots of J (empty when not preconditioned or singular), status,
         *extra); `status` says whether the forward verified the point regular (see `_degenerate`)."""
-        from blackbox_diff.kkt import classify
-
-        from ._degenerate import REGULAR, SINGULAR, UNCHECKED, WEAK
-
         answer, extra = (solution, ()) if not isinstance(solution, tuple) else (solution[0], solution[1:])
         dtype, device = answer_dtype_device(params)
 
@@ -354,8 +352,6 @@ class ConeCondition(AbstractCondition):
         Returns:
             (z, a, LU, pivots, weak rows (None: the answer's own), whether J was factored (regular)).
         """
-        from ._refine import regular_lu
-
         cones = self.program.cones
         z0, start = cones.zero, cones.conic_start
         identity = (x.new_zeros(0, 0), torch.zeros(0, dtype=torch.int32, device=x.device))  # not preconditioned
@@ -438,8 +434,6 @@ class ConeCondition(AbstractCondition):
 
     def degeneracy(self, z: torch.Tensor, aux: tuple, params: tuple, options: Any) -> Any:
         """The admissible active sets of the polyhedral rows at a degenerate answer (`_degenerate`)."""
-        from ._degenerate import cone_degeneracy
-
         return cone_degeneracy(self, z, aux, params, options)
 
     def finish(self, z: torch.Tensor, aux: tuple, options: Any) -> Any:
