@@ -319,3 +319,15 @@ def test_identity_structure_is_checked_by_one_vjp_and_escalates_when_it_does_not
     u, history = solve_adjoint(lambda v: v @ J, g, structure="identity", options=opts)
     assert [h.method for h in history] == ["identity", "gmres"]
     torch.testing.assert_close(u @ J, g, atol=1e-10, rtol=0)
+
+
+def test_a_wrong_identity_claim_is_caught_in_forward_mode_too():
+    # dF/dz = 2x != I although the condition claims "identity": the tangent system's check (a VJP, as good a
+    # test of A = I as a JVP) sends it to an iterative solve, and the JVP is right.
+    import torch.autograd.forward_ad as fwAD
+
+    fn = bbd.implicit(bbd.Root(lambda x, w: x**2 - w, structure="identity"), in_dims=0)(np.sqrt)
+    w = torch.tensor([4.0, 9.0], dtype=torch.float64)
+    with fwAD.dual_level():
+        tangent = fwAD.unpack_dual(fn(fwAD.make_dual(w, torch.ones(2, dtype=torch.float64)))).tangent
+    torch.testing.assert_close(tangent, torch.tensor([0.25, 1 / 6], dtype=torch.float64), atol=1e-9, rtol=0)

@@ -56,7 +56,8 @@ def _solve_numeric(problem: _LinearProblem, rhs: torch.Tensor, Z: torch.Tensor, 
     op, op_t = (lin.vjp_z, lin.jvp_z) if problem.transpose else (lin.jvp_z, lin.vjp_z)
     x, _ = solve_linear(op, rhs.detach(), structure=system.structure, options=system.options,
                         materialize=lambda: lin.dense(problem.transpose), what=problem.what, op_t=op_t,
-                        verify=None if system.independent else system.coupling_hint)
+                        verify=None if system.independent else system.coupling_hint,
+                        identity_check=lin.vjp_z)
     return x
 
 

@@ -60,6 +60,7 @@ def solve_linear(
     what: str = "adjoint system (dF/dz)^T u = dL/dz",
     op_t: Callable[[torch.Tensor], torch.Tensor] | None = None,
     verify: str | None = None,
+    identity_check: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, list[linalg.LinearSolution]]:
     """Solve (A + ridge I) x = b for every row of b.
 
@@ -71,6 +72,8 @@ def solve_linear(
         materialize: () -> A (B, n, n) dense, called only when a dense solve is needed.
         what: the system's name in messages.
         op_t: v -> A^T v, needed only by 'cgne' (CG on the normal equations A A^T y = b, x = A^T y).
+        identity_check: for structure "identity", the product that checks A = I on b (default A_op; A^T is
+            as good a check of A = I, and the cheaper one for a tangent system: one VJP, not two).
         verify: when the instances' independence is only claimed (a batched field), the hint to give if a
             dense solution (built from per-instance blocks) does not solve the system under `op` itself;
             None: independent by construction, nothing to verify.
@@ -90,7 +93,7 @@ def solve_linear(
     safe = b if bool(finite.all()) else torch.where(finite[:, None], b, torch.zeros_like(b))
     ridge = options.ridge
     A_op = (lambda v: op(v) + ridge * v) if ridge else op
-    x, history = _solve(A_op, safe, structure, options, materialize, what, op_t)
+    x, history = _solve(A_op, safe, structure, options, materialize, what, op_t, identity_check)
     if verify is not None and any(h.method in ("dense", "lstsq") for h in history):
         _verify(A_op, x, safe, verify, what)
     if not bool(finite.all()):
@@ -114,7 +117,7 @@ def _verify(A_op, x: torch.Tensor, b: torch.Tensor, hint: str, what: str) -> Non
         )
 
 
-def _solve(A_op, b, structure, options, materialize, what, op_t):
+def _solve(A_op, b, structure, options, materialize, what, op_t, identity_check=None):
     B, n = b.shape
     ridge = options.ridge
     method = choose_solver(options.linear_solver, structure, n, options.dense_max_size)
@@ -132,7 +135,7 @@ def _solve(A_op, b, structure, options, materialize, what, op_t):
     if method == "identity":
         # The condition is preconditioned so that A = I at the answer: x = b, verified with one product.
         sol = linalg.make_solution(
-            "identity", b, b - A_op(b), options.rtol * torch.linalg.vector_norm(b, dim=-1),
+            "identity", b, b - (identity_check or A_op)(b), options.rtol * torch.linalg.vector_norm(b, dim=-1),
             torch.ones(B, dtype=torch.int64, device=b.device), torch.zeros(B, dtype=torch.bool, device=b.device),
         )
     elif method in _KRYLOV:
