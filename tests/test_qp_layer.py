@@ -415,3 +415,27 @@ def test_solve_qp_takes_sparse_matrices_and_returns_the_active_set():
     slack = h - G @ dense.x
     assert np.all(np.abs(slack[dense.active]) < 1e-12) and np.all(dense.ineq[~dense.active] == 0)
     assert dense.kkt_inverse.shape[0] == 6 + 2 + int(dense.active.sum())
+
+
+@pytest.mark.parametrize("dense", [True, False], ids=["preconditioned", "raw"])
+def test_the_stated_parameter_jvp_is_the_residuals_own_derivative(dense):
+    # Forward mode takes (dF/d(Q, p, G, h, A, b)) (dQ, ...) from the QP condition's jvp_params (F is linear in
+    # the data) instead of two reverse sweeps: it must equal torch.func.jvp of the residual itself, at an
+    # answer with active and inactive rows, with and without the K0^{-1} preconditioning.
+    torch.manual_seed(0)
+    n, m, pe = 5, 6, 2
+    compiled = bbd.layer(QuadraticProgram(n, m, pe), backend="qp", dense_max=100 if dense else 0).compiled
+    cond = compiled.condition
+    M, G, A = (torch.randn(r, n, dtype=torch.float64) for r in (n, m, pe))
+    x0 = torch.randn(n, dtype=torch.float64)  # feasible: G x0 < h, A x0 = b; the objective pulls away from it
+    data = [M @ M.T + torch.eye(n, dtype=torch.float64), 5 * torch.randn(n, dtype=torch.float64),
+            G, G @ x0 + 0.1 * torch.rand(m, dtype=torch.float64), A, A @ x0]
+    z, aux = cond.prepare(compiled.solve(*[d.numpy() for d in data]), tuple(data), compiled_options(compiled))
+    assert 0 < int(aux[0].sum()) < m  # some rows active, some not
+    tangents = [torch.randn_like(d) for d in data]
+    _, expected = torch.func.jvp(lambda *d: cond.residual(z, *aux, *d), tuple(data), tuple(tangents))
+    torch.testing.assert_close(cond.jvp_params(z, *aux, *data, *tangents), expected, rtol=1e-12, atol=1e-12)
+
+
+def compiled_options(compiled):
+    return bbd.ImplicitOptions(**compiled.options)

@@ -312,6 +312,18 @@ class _BlackBoxCall(engine.Call):
     def certificate_blocks(self):
         return self.condition.certificate_blocks()
 
+    def jvp_params_fn(self):
+        if type(self.condition).jvp_params is AbstractCondition.jvp_params:
+            return None
+        per_instance = _Residual(self.condition.jvp_params, self.shape, bool(getattr(self.condition, "vmappable",
+                                                                                    True)))
+
+        def jvp_params(Z, aux, params, tangents, batched):
+            filled = [torch.zeros_like(p) if t is None else t for p, t in zip(params, tangents, strict=True)]
+            return per_instance(Z, aux, [*params, *filled], (*batched, *batched))
+
+        return jvp_params
+
     def fresh(self, batched):
         new = super().fresh(batched)
         new._residual = None

@@ -58,6 +58,16 @@ class AbstractCondition(abc.ABC):
         """
         raise NotImplementedError  # never called: the engine checks whether a subclass overrides it
 
+    def jvp_params(self, z: torch.Tensor, *rest: Any) -> torch.Tensor:
+        """(dF/dparams) dparams for one instance: ``rest`` is (*aux, *params, *tangents), one tangent per
+        parameter (zeros where it has none), flattened like `residual`.
+
+        Optional: where F is linear in its parameters (a QP's KKT conditions) this is F's own parameter part
+        evaluated at the tangents, one cheap pass; otherwise the engine derives it from F's graph (two
+        reverse sweeps), which is what forward mode then costs beyond a backward.
+        """
+        raise NotImplementedError  # never called: the engine checks whether a subclass overrides it
+
     def certificate_blocks(self) -> Sequence[int] | None:
         """Sizes of the consecutive parts of one instance's flattened `certificate` that are in their own
         units (e.g. stationarity rows, then equality rows, then inequality rows), or None (the default: one

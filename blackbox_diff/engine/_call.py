@@ -88,6 +88,10 @@ class Call(abc.ABC):
         """Sizes of the certificate's consecutive parts in their own units; None: one part."""
         return None
 
+    def jvp_params_fn(self):
+        """Batched (dF/dparams) tangents stated by the condition (see `System.jvp_params`); None: derived."""
+        return None
+
     def fail(self, err: BlackBoxDiffError, index: int | None) -> None:
         """An instance failed after the black box returned (certification): raise, or warn and go on."""
         if getattr(self.options, "on_failure", "raise") == "raise":
@@ -122,7 +126,8 @@ class Call(abc.ABC):
         # mode give its tangent the view's layout.
         Z, ok = (ans.Z if ans.Z._base is None else ans.Z.clone()), ans.ok.clone()
         system = System(self.residual_fn(), ans.aux, self.batched, self.structure, self.options, self.describe,
-                        self.functional, self.independent, self.foldable, self.coupling_hint)
+                        self.functional, self.independent, self.foldable, self.coupling_hint,
+                        self.jvp_params_fn())
         self.system = system
         for _ in range(2):  # a second pass only when certification removed instances
             if not bool(ok.any()):

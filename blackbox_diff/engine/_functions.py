@@ -463,7 +463,12 @@ def _solution_jvp(call: Call, Z, aux, params, tangents) -> torch.Tensor:
         dots = [None if d is None else d.detach() for d in dots]
         # F's graph from the forward's certification when it kept one (left for a backward that may follow)
         lin = call.linearization or Linearization(sub, Zs.detach(), [p.detach() for p in Ps])
-        v = _solve_numeric(_LinearProblem(sub, False, lin), lin.jvp_params_graph(dots), Zs, Ps)
+        if sub.jvp_params is not None:  # stated by the condition: no second-order sweep
+            with torch.no_grad():
+                r = sub.jvp_params(Zs.detach(), sub.aux, [p.detach() for p in Ps], dots, sub.batched)
+        else:
+            r = lin.jvp_params_graph(dots)
+        v = _solve_numeric(_LinearProblem(sub, False, lin), r, Zs, Ps)
         return -_scatter(v, idx, Z)
     r = Linearization(sub, Zs, Ps).jvp_params(dots)
     v = _linear_solve(sub, False, r, Zs, Ps)

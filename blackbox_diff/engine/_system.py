@@ -53,6 +53,9 @@ class System:
         foldable: whether `residual` accepts any number of rows (vmap then folds its dimension into the
             batch); otherwise vmapped linear solves run one vmap slice at a time.
         coupling_hint: what to tell the user when the rows turn out to be coupled.
+        jvp_params: (Z, aux, params, tangents, batched) -> (dF/dparams) tangents (B, n), when the condition
+            states it directly (F linear in its parameters, e.g. a QP's KKT conditions); None: the engine
+            derives it (the double-VJP trick on F's graph, two reverse sweeps).
     """
 
     residual: Residual
@@ -65,6 +68,7 @@ class System:
     independent: bool = True
     foldable: bool = True
     coupling_hint: str = ""
+    jvp_params: Callable | None = None
 
     def rows(self, idx: torch.Tensor) -> System:
         """The system of the instances `idx` only."""

@@ -83,6 +83,17 @@ class QPCondition(AbstractCondition):
         # K0^{-1} F as F @ K0^{-1} (K0 symmetric): a vector-matrix product in both directions of autograd.
         return F if inverse is None else F @ inverse
 
+    def jvp_params(self, z: torch.Tensor, *rest: Any) -> torch.Tensor:
+        """(dF/d(Q, p, G, h, A, b)) (dQ, dp, dG, dh, dA, db): F is linear in the data, so this is F's data
+        part at the tangents (pinned multipliers' rows do not depend on the data), times K0^{-1} when
+        preconditioned."""
+        active, kept, _, inverse, params = self.unpack(rest[:-6])
+        dQ, dp, dG, dh, dA, db = rest[-6:]
+        x, nu, lam = self.split(z)
+        stationarity = x @ (0.5 * (dQ + dQ.mT)) + dp + (kept * nu) @ dA + (active * lam) @ dG
+        dF = torch.cat([stationarity, kept * (x @ dA.mT - db), active * (x @ dG.mT - dh)])
+        return dF if inverse is None else dF @ inverse
+
     def certificate(self, z: torch.Tensor, *rest: Any) -> torch.Tensor:
         """F, the feasibility of inactive rows and dropped equalities, and the signs of active multipliers."""
         active, kept, _, _, params = self.unpack(rest)
