@@ -312,6 +312,9 @@ class _BlackBoxCall(engine.Call):
     def certificate_blocks(self):
         return self.condition.certificate_blocks()
 
+    def closed(self) -> bool:
+        return bool(getattr(self.condition, "closed", False))
+
     def jvp_params_fn(self):
         if type(self.condition).jvp_params is AbstractCondition.jvp_params:
             return None

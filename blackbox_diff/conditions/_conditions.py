@@ -39,6 +39,9 @@ class AbstractCondition(abc.ABC):
     # a once-differentiable torch.autograd.Function): the engine then gives first derivatives and forward
     # mode through plain autograd, and a clear BlackBoxDiffError for second derivatives and torch.func.
     functional: ClassVar[bool] = True
+    # True when `residual` reaches no tensor but its arguments (a backend's own condition, not a user's
+    # closure): forward mode then skips the evaluation of F that looks for captured tensors' tangents.
+    closed: ClassVar[bool] = False
 
     @abc.abstractmethod
     def residual(self, z: torch.Tensor, *params: Any) -> torch.Tensor:

@@ -88,6 +88,10 @@ class Call(abc.ABC):
         """Sizes of the certificate's consecutive parts in their own units; None: one part."""
         return None
 
+    def closed(self) -> bool:
+        """Whether F reaches no tensor but its arguments (no captured tangents to look for)."""
+        return False
+
     def jvp_params_fn(self):
         """Batched (dF/dparams) tangents stated by the condition (see `System.jvp_params`); None: derived."""
         return None

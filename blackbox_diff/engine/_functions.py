@@ -290,7 +290,7 @@ def apply(call: Call, params: Sequence[torch.Tensor]) -> tuple[torch.Tensor, tup
     call.want_graph = grad
     Z, *aux = _Solve.apply(call, *params)
     aux = tuple(aux)
-    if not ((grad and call.captures) or forward_mode) or call.point is None:
+    if not ((grad and call.captures) or (forward_mode and not call.closed())) or call.point is None:
         # A copy: the output is the caller's to modify in place; the saved answers are the backward's.
         return Z.clone(), aux
     Zs, Ps = call.point

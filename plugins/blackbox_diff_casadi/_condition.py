@@ -105,6 +105,8 @@ class _Residual(torch.autograd.Function):
 class CasadiKKT(AbstractCondition):
     """KKT conditions of a CasADi NLP on the active set identified from slacks and multipliers."""
 
+    closed = True  # F reaches only its arguments (the problem data, the answer)
+
     raw_solution = True
     # The residual is evaluated by CasADi inside a once-differentiable autograd.Function (so no vmap).
     functional = False

@@ -164,6 +164,8 @@ class ConeCondition(AbstractCondition):
     implicit function theorem. Certification uses the raw F.
     """
 
+    closed = True  # F reaches only its arguments (the problem data, the answer)
+
     structure = "general"
     raw_solution = True
 

@@ -45,6 +45,8 @@ class QPCondition(AbstractCondition):
     aux per instance: (active (m,), kept (p,), status (1,)[, K0^{-1} (N, N) when preconditioned]).
     """
 
+    closed = True  # F reaches only its arguments (the problem data, the answer)
+
     raw_solution = True
 
     def __init__(self, n: int, n_ineq: int, n_eq: int, *, precondition: bool = True, active_tol: float = 1e-7) -> None:
