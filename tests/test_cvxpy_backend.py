@@ -623,3 +623,46 @@ def test_variable_or_dual_missing_from_the_cone_program_is_an_input_error(monkey
         f"Variable {x.name()} does not appear in the cone program cvxpy built"
     )):
         bbd.layer(problem, parameters=[a], variables=[x])
+
+
+def _stated_vs_derived_jvp(layer, values):
+    """The cvxpy condition's stated (dF/dparams) dparams against torch.func.jvp of its residual."""
+    compiled = layer.compiled
+    cond = compiled.condition
+    params = tuple(torch.as_tensor(v, dtype=torch.float64) for v in values)
+    answer = compiled.solve(*[p.numpy() for p in params])
+    z, aux = cond.prepare(answer, params, bbd.ImplicitOptions(**compiled.options))
+    torch.manual_seed(1)
+    tangents = tuple(torch.randn_like(p) for p in params)
+    _, expected = torch.func.jvp(lambda *p: cond.residual(z, *aux, *p), params, tangents)
+    torch.testing.assert_close(cond.jvp_params(z, *aux, *params, *tangents), expected, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("kind", ["qp", "lp-large", "soc", "gp", "non-dpp"])
+def test_stated_parameter_jvp_is_the_residuals_own_derivative(kind):
+    # Forward mode takes (dF/dparams) dparams from the condition (data linear in theta, F linear in the data)
+    # instead of two reverse sweeps; it must be the residual's own derivative for every kind of program:
+    # preconditioned and raw, conic rows, logged (gp) parameters and the linearised non-DPP data.
+    x = cp.Variable(3)
+    if kind == "qp":
+        q, u = cp.Parameter(3), cp.Parameter(3)
+        prob = cp.Problem(cp.Minimize(cp.sum_squares(x) + q @ x), [x <= u, cp.sum(x) == 1])
+        layer, values = bbd.layer(prob, parameters=[q, u], variables=[x]), [[1.0, -2.0, 0.5], [0.3, 2.0, 0.2]]
+    elif kind == "lp-large":  # dense_max=0: not preconditioned
+        q = cp.Parameter(3)
+        prob = cp.Problem(cp.Minimize(q @ x), [x >= -1, x <= 1, cp.sum(x) == 0.5])
+        layer, values = bbd.layer(prob, parameters=[q], variables=[x], dense_max=0), [[1.0, -2.0, 0.5]]
+    elif kind == "soc":
+        q, r = cp.Parameter(3), cp.Parameter(pos=True)
+        prob = cp.Problem(cp.Minimize(q @ x), [cp.norm(x) <= r])
+        layer, values = bbd.layer(prob, parameters=[q, r], variables=[x]), [[1.0, -2.0, 0.5], 2.0]
+    elif kind == "gp":
+        a = cp.Parameter(pos=True)
+        v = cp.Variable(pos=True)
+        prob = cp.Problem(cp.Minimize(a / v + v), [])
+        layer, values = bbd.layer(prob, parameters=[a], variables=[v], gp=True), [4.0]
+    else:
+        q = cp.Parameter(3)
+        prob = cp.Problem(cp.Minimize(cp.sum_squares(x - q) + q[0] * q[1] * x[2]), [x >= 0])
+        layer, values = bbd.layer(prob, parameters=[q], variables=[x], allow_non_dpp=True), [[1.0, -0.5, 0.3]]
+    _stated_vs_derived_jvp(layer, values)

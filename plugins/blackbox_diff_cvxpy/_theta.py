@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["ThetaPiece", "build_pieces", "sequential_pieces", "theta_numpy", "theta_torch"]
+__all__ = ["ThetaPiece", "build_pieces", "sequential_pieces", "theta_numpy", "theta_tangent", "theta_torch"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,7 +58,10 @@ class ThetaPiece:
         return flat if self.gather is None else flat[self.gather]
 
     def torch(self, value: torch.Tensor) -> torch.Tensor:
-        v = torch.log(value) if self.log else value
+        return self.linear(torch.log(value) if self.log else value)
+
+    def linear(self, v: torch.Tensor) -> torch.Tensor:
+        """The piece's entries of theta from the (logged) parameter value: a linear map."""
         if self.symmetric:
             v = 0.5 * (v + v.transpose(-1, -2))
         flat = v.reshape(-1) if v.dim() <= 1 else v.permute(*reversed(range(v.dim()))).reshape(-1)
@@ -121,6 +124,24 @@ def theta_numpy(pieces: list[ThetaPiece], n_theta: int, params: list[np.ndarray]
         theta[piece.offset : piece.offset + piece.size] = piece.numpy(params[piece.index])
     theta[-1] = 1.0
     return theta
+
+
+def theta_tangent(pieces: list[ThetaPiece], n_theta: int, params: tuple[torch.Tensor, ...],
+                  tangents: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """d theta along the parameters' tangents (the constant entry's tangent is 0; a logged parameter's
+    is its tangent over its value)."""
+    ref = params[pieces[0].index] if pieces else (params[0] if params else torch.zeros((), dtype=torch.float64))
+    blocks, end = [], 0
+    for piece in pieces:
+        if piece.offset > end:
+            blocks.append(ref.new_zeros(piece.offset - end))
+        t = tangents[piece.index]
+        blocks.append(piece.linear(t / params[piece.index] if piece.log else t))
+        end = piece.offset + piece.size
+    if end < n_theta:
+        blocks.append(ref.new_zeros(n_theta - end))
+    blocks.append(ref.new_zeros(1))
+    return torch.cat(blocks)
 
 
 def theta_torch(pieces: list[ThetaPiece], n_theta: int, params: tuple[torch.Tensor, ...]) -> torch.Tensor:
