@@ -435,6 +435,15 @@ def test_the_stated_parameter_jvp_is_the_residuals_own_derivative(dense):
     tangents = [torch.randn_like(d) for d in data]
     _, expected = torch.func.jvp(lambda *d: cond.residual(z, *aux, *d), tuple(data), tuple(tangents))
     torch.testing.assert_close(cond.jvp_params(z, *aux, *data, *tangents), expected, rtol=1e-12, atol=1e-12)
+    # Batch-agnostic (the engine calls it once for a batch): two rows, Q and its tangent shared by the batch
+    assert cond.batched_jvp_params
+    two = lambda t: torch.stack([t, 2 * t])  # noqa: E731
+    rows = cond.jvp_params(two(z), *[torch.stack([a, a]) for a in aux], data[0], *[two(d) for d in data[1:]],
+                           tangents[0], *[two(t) for t in tangents[1:]])
+    for k, scale in enumerate((1.0, 2.0)):
+        one = cond.jvp_params(scale * z, *aux, data[0], *[scale * d for d in data[1:]], tangents[0],
+                              *[scale * t for t in tangents[1:]])
+        torch.testing.assert_close(rows[k], one, rtol=1e-12, atol=1e-12)
 
 
 def compiled_options(compiled):

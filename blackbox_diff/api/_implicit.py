@@ -318,6 +318,15 @@ class _BlackBoxCall(engine.Call):
     def jvp_params_fn(self):
         if type(self.condition).jvp_params is AbstractCondition.jvp_params:
             return None
+        if getattr(self.condition, "batched_jvp_params", False):  # the whole batch in one call, no vmap
+            cond = self.condition
+
+            def batched(Z, aux, params, tangents, batched):
+                filled = [torch.zeros_like(p) if t is None else t for p, t in zip(params, tangents, strict=True)]
+                return cond.jvp_params(Z.reshape(Z.shape[0], *self.shape), *aux, *params, *filled).reshape(
+                    Z.shape[0], -1)
+
+            return batched
         per_instance = _Residual(self.condition.jvp_params, self.shape, bool(getattr(self.condition, "vmappable",
                                                                                     True)))
 

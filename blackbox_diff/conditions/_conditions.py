@@ -42,6 +42,9 @@ class AbstractCondition(abc.ABC):
     # True when `residual` reaches no tensor but its arguments (a backend's own condition, not a user's
     # closure): forward mode then skips the evaluation of F that looks for captured tensors' tangents.
     closed: ClassVar[bool] = False
+    # True when `jvp_params` also takes a whole batch (leading dimension on z, aux and batched parameters;
+    # shared parameters without one): the engine then calls it once instead of under torch.func.vmap.
+    batched_jvp_params: ClassVar[bool] = False
 
     @abc.abstractmethod
     def residual(self, z: torch.Tensor, *params: Any) -> torch.Tensor:

@@ -46,6 +46,7 @@ class QPCondition(AbstractCondition):
     """
 
     closed = True  # F reaches only its arguments (the problem data, the answer)
+    batched_jvp_params = True  # jvp_params takes the whole batch at once (no vmap around it)
 
     raw_solution = True
 
@@ -88,13 +89,18 @@ class QPCondition(AbstractCondition):
     def jvp_params(self, z: torch.Tensor, *rest: Any) -> torch.Tensor:
         """(dF/d(Q, p, G, h, A, b)) (dQ, dp, dG, dh, dA, db): F is linear in the data, so this is F's data
         part at the tangents (pinned multipliers' rows do not depend on the data), times K0^{-1} when
-        preconditioned."""
-        active, kept, _, inverse, params = self.unpack(rest[:-6])
+        preconditioned. Batch-agnostic (`batched_jvp_params`): every argument may carry a leading batch
+        dimension or not (shared data)."""
+        active, kept, _, inverse, _ = self.unpack(rest[:-6])
         dQ, dp, dG, dh, dA, db = rest[-6:]
         x, nu, lam = self.split(z)
-        stationarity = x @ (0.5 * (dQ + dQ.mT)) + dp + (kept * nu) @ dA + (active * lam) @ dG
-        dF = torch.cat([stationarity, kept * (x @ dA.mT - db), active * (x @ dG.mT - dh)])
-        return dF if inverse is None else dF @ inverse
+        vm = "...i,...ij->...j"  # row vector times matrix, broadcasting over a batch
+        stationarity = (torch.einsum(vm, x, 0.5 * (dQ + dQ.mT)) + dp + torch.einsum(vm, kept * nu, dA)
+                        + torch.einsum(vm, active * lam, dG))
+        rows = torch.einsum("...j,...ij->...i", x, torch.cat([dA, dG], dim=-2)) - torch.cat([db, dh], dim=-1)
+        p = self.p
+        dF = torch.cat([stationarity, kept * rows[..., :p], active * rows[..., p:]], dim=-1)
+        return dF if inverse is None else torch.einsum(vm, dF, inverse)
 
     def certificate(self, z: torch.Tensor, *rest: Any) -> torch.Tensor:
         """F, the feasibility of inactive rows and dropped equalities, and the signs of active multipliers."""
