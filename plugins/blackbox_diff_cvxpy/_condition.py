@@ -213,14 +213,26 @@ class ConeCondition(AbstractCondition):
         return active, lu, piv, tuple(rest[4:k]), tuple(rest[k:])
 
     # --- the condition -------------------------------------------------------------------------------
-    def raw_residual(self, z: torch.Tensor, active: torch.Tensor, data: tuple) -> torch.Tensor:
+    @staticmethod
+    def _data_terms(x: torch.Tensor, y: torch.Tensor, data: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+        """The parts of F that the data (P, c, A, b) enter, linearly: P x + A^T y + c, and A x - b."""
         P, c, A, b = data
-        x, w = self._split(z)
-        y, s_cone = self._y_s(w, active)
         stationarity = A.mT @ y + c
         if P is not None:
             stationarity = stationarity + P @ x
-        r = A @ x - b
+        return stationarity, A @ x - b
+
+    @staticmethod
+    def _preconditioned(F: torch.Tensor, lu: torch.Tensor, piv: torch.Tensor) -> torch.Tensor:
+        """J0^{-1} F with the LU of the forward; F itself when not preconditioned (large or singular)."""
+        if lu.shape[-1] == 0:
+            return F
+        return torch.linalg.lu_solve(lu, piv, F.unsqueeze(-1)).squeeze(-1)
+
+    def raw_residual(self, z: torch.Tensor, active: torch.Tensor, data: tuple) -> torch.Tensor:
+        x, w = self._split(z)
+        y, s_cone = self._y_s(w, active)
+        stationarity, r = self._data_terms(x, y, data)
         start = self.program.cones.conic_start
         polyhedral = active * r[:start] + (1 - active) * w[:start]
         return torch.cat([stationarity, polyhedral, r[start:] + s_cone])
@@ -232,28 +244,17 @@ class ConeCondition(AbstractCondition):
         n_params = (len(rest) - k) // 2
         active, lu, piv, extra, params = self._unpack(rest[: k + n_params])
         d_theta = theta_tangent(self.program.pieces, self.program.n_theta, params, rest[k + n_params :])
-        if self.linearization:
-            P, c, A, b = self.program.unflatten_data(extra[1] @ d_theta)
-        else:
-            P, c, A, b = self.program.data_torch(d_theta)
+        d_data = (self.program.unflatten_data(extra[1] @ d_theta) if self.linearization
+                  else self.program.data_torch(d_theta))
         x, w = self._split(z)
         y, _ = self._y_s(w, active)
-        stationarity = A.mT @ y + c
-        if P is not None:
-            stationarity = stationarity + P @ x
-        r = A @ x - b
+        stationarity, r = self._data_terms(x, y, d_data)
         start = self.program.cones.conic_start
-        dF = torch.cat([stationarity, active * r[:start], r[start:]])
-        if lu.shape[-1] == 0:
-            return dF
-        return torch.linalg.lu_solve(lu, piv, dF.unsqueeze(-1)).squeeze(-1)
+        return self._preconditioned(torch.cat([stationarity, active * r[:start], r[start:]]), lu, piv)
 
     def residual(self, z: torch.Tensor, *rest: Any) -> torch.Tensor:
         active, lu, piv, extra, params = self._unpack(rest)
-        F = self.raw_residual(z, active, self._data(extra, params))
-        if lu.shape[-1] == 0:  # not preconditioned (large or singular system)
-            return F
-        return torch.linalg.lu_solve(lu, piv, F.unsqueeze(-1)).squeeze(-1)
+        return self._preconditioned(self.raw_residual(z, active, self._data(extra, params)), lu, piv)
 
     def _feasibility(self, z: torch.Tensor, active: torch.Tensor, data: tuple) -> torch.Tensor:
         """Dropped equalities hold, inactive rows are feasible (slack >= 0), active multipliers y >= 0."""
