@@ -529,3 +529,74 @@ def test_more_weak_rows_than_the_toolkit_compares_is_said_not_silent():
     p = u.clone().requires_grad_(True)
     with pytest.warns(RuntimeWarning, match=re.escape("Degenerate point not examined: 14 active inequality")):
         bbd.QPLayer()(torch.eye(n), -p, torch.eye(n), u, NONE, NONE)
+
+
+# --- certification of a whole batch in one numpy pass (AbstractCondition.certify) ---------------------------------
+def test_qp_batch_certification_judges_each_row_by_its_own_data_and_fails_only_the_spoiled_one():
+    # The QP condition certifies the batch at once, Q shared (broadcast) and h per instance. Row 1 is spoiled;
+    # rows 0 and 2 differ from it only in h. A batch certificate that mixed rows, or broadcast the wrong
+    # operand, would refuse the good rows or pass the spoiled one.
+    Q, q, G = _stiff_qp(1e-6)  # the objective in units of 1e-6: the constraint rows must not set its floor
+    compiled = bbd.layer(bbd.qp.QuadraticProgram(2, 1, 0), backend="qp").compiled
+    hs = torch.tensor([[2.0], [2.5], [1.5]], requires_grad=True)
+
+    def solve(Qi, qi, Gi, hi, Ai, bi):
+        sol = compiled.solve(Qi, qi, Gi, hi, Ai, bi)
+        if float(hi[0]) == 2.5:
+            sol.x = _off(sol.x)
+        return sol
+
+    fn = bbd.implicit(compiled.condition, on_failure="nan", in_dims=(None, None, None, 0, None, None))(solve)
+    with pytest.warns(RuntimeWarning, match=r"at batch index 1 does not satisfy.*relative to the size of their terms"):
+        z = fn(Q, q, G, hs, torch.zeros(0, 2), torch.zeros(0))
+    assert torch.isnan(z[1]).all() and torch.isfinite(z[[0, 2]]).all()
+    # The good rows keep their exact derivative: x1 = h (active), x2 = 1, so dx1/dh = 1.
+    (g,) = torch.autograd.grad(z[[0, 2], 0].sum(), hs)
+    assert torch.allclose(g, torch.tensor([[1.0], [0.0], [1.0]], dtype=g.dtype), atol=1e-8)
+
+
+def test_the_batch_certificate_is_each_instances_own():
+    # One pass over a batch (shared Q, G per instance) gives every row what the instance alone gives.
+    rng = np.random.default_rng(3)
+    n, m = 4, 3
+    compiled = bbd.layer(bbd.qp.QuadraticProgram(n, m, 1), backend="qp").compiled
+    cond = compiled.condition
+    M = rng.standard_normal((n, n))
+    Q = torch.tensor(M @ M.T + np.eye(n))
+    rows = []
+    for _ in range(3):
+        x0 = rng.standard_normal(n)
+        G, A = rng.standard_normal((m, n)), rng.standard_normal((1, n))
+        data = [Q, torch.tensor(5 * rng.standard_normal(n)), torch.tensor(G),
+                torch.tensor(G @ x0 + 0.1 * rng.random(m)), torch.tensor(A), torch.tensor(A @ x0)]
+        z, aux = cond.prepare(compiled.solve(*[d.numpy() for d in data]), tuple(data), bbd.ImplicitOptions())
+        rows.append((z, aux, data))
+    Z = torch.stack([r[0] for r in rows])
+    aux = tuple(torch.stack([r[1][k] for r in rows]) for k in range(len(rows[0][1])))
+    params = [Q] + [torch.stack([r[2][k] for r in rows]) for k in range(1, 6)]
+    C, S = cond.certify(Z, aux, params, (False, True, True, True, True, True))
+    for i, (z, a, data) in enumerate(rows):
+        Ci, Si = cond.certify(z[None], tuple(t[None] for t in a), [data[0]] + [d[None] for d in data[1:]],
+                              (False, True, True, True, True, True))
+        np.testing.assert_allclose(C[i], Ci[0], rtol=0, atol=1e-12)
+        np.testing.assert_allclose(S[i], Si[0], rtol=1e-14)
+    assert C.shape == S.shape == (3, sum(cond.certificate_blocks()))
+    assert np.all(S[:, :n] > 0)  # stationarity terms are never empty here: a zero would make any residual fail
+
+
+def test_a_condition_s_own_batch_certify_is_what_certification_uses():
+    # A user condition stating its certificate in numpy: the engine takes it instead of the torch residual
+    # (which here is exactly zero, so only the stated certificate can refuse the answer).
+    class Stated(bbd.Root):
+        def __init__(self, value):
+            super().__init__(lambda z, w: z - z.detach())
+            self.value = value
+
+        def certify(self, Z, aux, params, batched):
+            C = np.full((Z.shape[0], Z.shape[1]), self.value)
+            return C, np.ones_like(C)
+
+    ok = bbd.implicit(Stated(1e-9))(lambda w: 2.0)(torch.tensor(4.0))
+    assert float(ok) == 2.0
+    with pytest.raises(bbd.CertificationError, match=re.escape("components 0 (0.001, relative 0.000997)")):
+        bbd.implicit(Stated(1e-3))(lambda w: 2.0)(torch.tensor(4.0))

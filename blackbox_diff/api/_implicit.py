@@ -303,6 +303,11 @@ class _BlackBoxCall(engine.Call):
         use_vmap = bool(getattr(self.condition, "vmappable", True))
         return _Residual(self.condition.certificate, self.shape, use_vmap)
 
+    def certify_fn(self):
+        if type(self.condition).certify is AbstractCondition.certify:
+            return None
+        return self.condition.certify
+
     def scale_fn(self):
         if type(self.condition).residual_scale is AbstractCondition.residual_scale:
             return None

@@ -64,6 +64,17 @@ class AbstractCondition(abc.ABC):
         """
         raise NotImplementedError  # never called: the engine checks whether a subclass overrides it
 
+    def certify(self, Z: torch.Tensor, aux: tuple, params: list, batched: tuple[bool, ...]) -> tuple[Any, Any]:
+        """Optional: `certificate` and `residual_scale` for a whole batch at once, as numpy arrays (B, m).
+
+        Z is (B, n) (the flattened unknowns), each aux tensor has a leading batch dimension, and params[i] has
+        one where batched[i]. Certification then costs no torch operations and no vmap: for a backend whose
+        condition is a few products of its data (a QP), or whose solver already evaluated everything at the
+        answer (CasADi's polish), this is a small fraction of a backward. Not overridden: the engine evaluates
+        `certificate` and `residual_scale` (or estimates the term sizes).
+        """
+        raise NotImplementedError  # never called: the engine checks whether a subclass overrides it
+
     def jvp_params(self, z: torch.Tensor, *rest: Any) -> torch.Tensor:
         """(dF/dparams) dparams for one instance: ``rest`` is (*aux, *params, *tangents), one tangent per
         parameter (zeros where it has none), flattened like `residual`.

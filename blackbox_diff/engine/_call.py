@@ -13,13 +13,14 @@ import abc
 import copy
 import dataclasses
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 
 from blackbox_diff._errors import BlackBoxDiffError, CertificationError, DegenerateError, InputError, SolverError
-from blackbox_diff.engine._certify import Verdict, effective_tolerance, relative_residual, term_scale
+from blackbox_diff.engine._certify import Verdict, effective_tolerance, passes, relative_residual, term_scale
 from blackbox_diff.engine._curvature import smallest_curvature
 from blackbox_diff.engine._degeneracy import Degeneracy, compare_variants, output_jacobian
 from blackbox_diff.engine._system import Linearization, Residual, System
@@ -78,6 +79,12 @@ class Call(abc.ABC):
 
     def certificate_fn(self) -> Residual | None:
         """The batched certificate (largest magnitude certifies an answer); None: the residual."""
+        return None
+
+    def certify_fn(self) -> Callable | None:
+        """(Z, aux, params, batched) -> (certificate, term sizes), numpy (B, m), for a whole batch at once: the
+        condition's own (e.g. from the data in numpy, cheaper than its torch certificate); None: the engine
+        evaluates `certificate_fn` and `scale_fn`."""
         return None
 
     def scale_fn(self) -> Residual | None:
@@ -141,7 +148,7 @@ class Call(abc.ABC):
                 ok[:] = False
                 break
             passed = self._certify(system, Z, params, ok, R)
-            if bool(passed.all()):
+            if passed is None or bool(passed.all()):
                 self.linearization = self._pending
                 idx = torch.nonzero(ok).flatten()
                 full = bool(ok.all())
@@ -283,9 +290,9 @@ class Call(abc.ABC):
         shape = getattr(self, "shape", None)
         return f"shape {tuple(shape)}" if shape is not None else "its unknowns"
 
-    def _certify(self, system: System, Z, params, ok, R: torch.Tensor) -> torch.Tensor:
-        """Per ok row: does the answer satisfy the condition? Failing rows go through `fail`."""
-        rows = torch.nonzero(ok).flatten()
+    def _certify(self, system: System, Z, params, ok, R: torch.Tensor) -> torch.Tensor | None:
+        """Per ok row: does the answer satisfy the condition? None: every ok row does. Failing rows go
+        through `fail`."""
         if R.shape[1] != Z.shape[1]:
             raise InputError(
                 f"The {self.describe} residual has {R.shape[1]} entries but z has {Z.shape[1]}; the implicit "
@@ -293,28 +300,22 @@ class Call(abc.ABC):
             )
         tol = self.options.residual_tol
         if tol is None:
-            return torch.ones(rows.numel(), dtype=torch.bool)
+            return None
         tol = effective_tolerance(tol, Z.dtype)
-        sub = system.rows(rows)
-        Zs, Ps = Z[rows].detach(), [p.detach() for p in sub.params_rows(params, rows)]
-        cert = self.certificate_fn()
-        fn = cert or system.residual
-
-        def certificate(Zv: torch.Tensor, Pv: list[torch.Tensor]) -> torch.Tensor:
-            return fn(Zv, sub.aux, Pv, sub.batched)
-
-        with torch.no_grad():
-            C = R if cert is None else certificate(Zs, Ps)
-        scale_fn = self.scale_fn()
-        if scale_fn is not None:
-            scale = scale_fn(Zs, sub.aux, Ps, sub.batched)
-        else:
-            scale = term_scale(certificate, Zs, Ps) if system.functional else None
-        if scale is None:  # no derivatives to size the terms with: the unknowns' size, as a last resort
-            scale = (1.0 + Zs.abs().amax(dim=1, keepdim=True)).expand_as(C) if Zs.shape[1] else torch.ones_like(C)
-        rel = relative_residual(C, scale.to(C.dtype), tol, self.certificate_blocks())
+        full = bool(ok.all())
+        rows = None if full else torch.nonzero(ok).flatten()
+        C, scale = self._certificate(system, Z, params, rows, full, R)
+        if passes(C, scale, tol):  # within tol of its own terms without the floor: nothing more to test
+            return None
+        rel = relative_residual(C, scale, tol, self.certificate_blocks())
+        row_ok = (rel <= tol).all(axis=1)  # one test for the batch; a Verdict only for failing rows
+        if bool(row_ok.all()):
+            return None
+        rows = torch.nonzero(ok).flatten() if rows is None else rows
+        sub = system if full else system.rows(rows)
+        Zs = (Z if full else Z[rows]).detach()
+        Ps = [p.detach() for p in (list(params) if full else sub.params_rows(params, rows))]
         passed = []
-        row_ok = (rel <= tol).all(dim=1).tolist()  # one test for the batch; a Verdict only for failing rows
         for k, r in enumerate(rows.tolist()):
             if row_ok[k]:
                 passed.append(True)
@@ -333,6 +334,34 @@ class Call(abc.ABC):
             self.fail(CertificationError(msg, batch_index=index, residual=verdict.worst, tolerance=tol), index)
             passed.append(False)
         return torch.tensor(passed, dtype=torch.bool)
+
+    def _certificate(self, system: System, Z, params, rows: torch.Tensor | None, full: bool,
+                     R: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """(certificate, term sizes) of the ok rows, numpy (k, m): the condition's batch `certify_fn`, else its
+        torch certificate and term sizes."""
+        sub = system if full else system.rows(rows)
+        Zs = (Z if full else Z[rows]).detach()
+        Ps = [p.detach() for p in (list(params) if full else sub.params_rows(params, rows))]
+        own = self.certify_fn()
+        if own is not None:
+            C, scale = own(Zs, sub.aux, Ps, sub.batched)
+            return np.asarray(C), np.asarray(scale)
+        cert = self.certificate_fn()
+        fn = cert or system.residual
+
+        def certificate(Zv: torch.Tensor, Pv: list[torch.Tensor]) -> torch.Tensor:
+            return fn(Zv, sub.aux, Pv, sub.batched)
+
+        with torch.no_grad():
+            C = R if cert is None else certificate(Zs, Ps)
+        scale_fn = self.scale_fn()
+        if scale_fn is not None:
+            scale = scale_fn(Zs, sub.aux, Ps, sub.batched)
+        else:
+            scale = term_scale(certificate, Zs, Ps) if system.functional else None
+        if scale is None:  # no derivatives to size the terms with: the unknowns' size, as a last resort
+            scale = (1.0 + Zs.abs().amax(dim=1, keepdim=True)).expand_as(C) if Zs.shape[1] else torch.ones_like(C)
+        return C.detach().cpu().numpy(), scale.detach().to(C.dtype).cpu().numpy()
 
     # --- adjoint cache (the closure link and the parameter path share one solve) ----------------
     def remember_adjoint(self, g: torch.Tensor, u: torch.Tensor) -> None:

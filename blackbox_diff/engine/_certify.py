@@ -18,11 +18,13 @@ names them (`AbstractCondition.certificate_blocks`), and the floor is taken per 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 
+import numpy as np
 import torch
 
-__all__ = ["Verdict", "effective_tolerance", "relative_residual", "significant_digits", "term_scale"]
+__all__ = ["Verdict", "effective_tolerance", "passes", "relative_residual", "significant_digits", "term_scale"]
 
 _PROBES = 4
 
@@ -30,7 +32,24 @@ _PROBES = 4
 def effective_tolerance(tol: float, dtype: torch.dtype) -> float:
     """The relative tolerance actually used: never below 100 eps of the answer's dtype (float32 answers
     exact to float32 pass with the float64 default)."""
-    return max(float(tol), 100.0 * torch.finfo(dtype).eps)
+    return max(float(tol), 100.0 * _eps(dtype))
+
+
+@functools.lru_cache(maxsize=16)
+def _eps(dtype: torch.dtype) -> float:
+    return float(torch.finfo(dtype).eps)
+
+
+@functools.lru_cache(maxsize=16)
+def _finfo(dtype: np.dtype) -> np.finfo:
+    return np.finfo(dtype if np.issubdtype(dtype, np.floating) else np.float64)
+
+
+def passes(C: np.ndarray, scale: np.ndarray, tol: float) -> bool:
+    """Whether every component is within `tol` of its own terms, before any floor: the floor only loosens
+    the test (`relative_residual`), so answers that pass this need nothing more (a polished answer's usual
+    case: four array operations)."""
+    return bool((np.abs(C) <= tol * scale).all())
 
 
 def term_scale(fn: Callable[[torch.Tensor, list[torch.Tensor]], torch.Tensor], Z: torch.Tensor,
@@ -88,9 +107,10 @@ def _directional(fn, Z, params, dz, dps) -> torch.Tensor | None:
         return None
 
 
-def relative_residual(C: torch.Tensor, scale: torch.Tensor, tol: float,
-                      blocks: Sequence[int] | None = None) -> torch.Tensor:
-    """|C_i| / (scale_i + floor_i) (k, m).
+def relative_residual(C: np.ndarray, scale: np.ndarray, tol: float,
+                      blocks: Sequence[int] | None = None) -> np.ndarray:
+    """|C_i| / (scale_i + floor_i) (k, m), in numpy (the certificates are small: a torch op per step cost
+    more than the whole test).
 
     floor_i = sqrt(tol) x the largest term of component i's block. `blocks` (sizes of consecutive
     components, e.g. stationarity rows then constraint rows) are the certificate's parts in their own units:
@@ -99,19 +119,18 @@ def relative_residual(C: torch.Tensor, scale: torch.Tensor, tol: float,
     (round-off: below 100 eps of it, e.g. constraint rows at 0 with data 0) has nothing of its own to be
     judged by: it takes the instance's largest term instead.
     """
-    k, m = scale.shape[0], scale.shape[1]
-    tiny = torch.finfo(C.dtype).tiny
+    m = scale.shape[1]
+    info = _finfo(C.dtype)
     if not m:
-        return C.abs() / (scale + tiny)
-    top = scale.amax(dim=1, keepdim=True)
+        return np.abs(C) / (scale + info.tiny)
+    top = scale.max(axis=1, keepdims=True)
     sizes = [b for b in blocks if b > 0] if blocks is not None and sum(blocks) == m else [m]
-    vanishing = 100 * torch.finfo(C.dtype).eps * top
-    tops = []
-    for part in scale.split(sizes, dim=1):
-        own = part.amax(dim=1, keepdim=True)
-        tops.append(torch.where(own > vanishing, own, top).expand(k, part.shape[1]))
-    floor = tol**0.5 * torch.cat(tops, dim=1)
-    return C.abs() / (scale + floor + tiny)
+    if len(sizes) == 1:
+        tops = top
+    else:  # each part's largest term (one reduction for all parts), or the instance's where it vanishes
+        own = np.maximum.reduceat(scale, np.cumsum([0, *sizes[:-1]]), axis=1)
+        tops = np.repeat(np.where(own > 100 * info.eps * top, own, top), sizes, axis=1)
+    return np.abs(C) / (scale + tol**0.5 * tops + info.tiny)
 
 
 def significant_digits(z: torch.Tensor, limit: int = 17) -> int:
@@ -126,10 +145,10 @@ def significant_digits(z: torch.Tensor, limit: int = 17) -> int:
 class Verdict:
     """One instance's certification: the worst relative residual and the components over tolerance."""
 
-    def __init__(self, rel: torch.Tensor, C: torch.Tensor, tol: float) -> None:
+    def __init__(self, rel: np.ndarray, C: np.ndarray, tol: float) -> None:
         self.rel, self.C, self.tol = rel, C, tol
-        self.worst = float(rel.max()) if rel.numel() else 0.0
-        self.bad = torch.nonzero(~(rel <= tol)).flatten().tolist()
+        self.worst = float(rel.max()) if rel.size else 0.0
+        self.bad = np.flatnonzero(~(rel <= tol)).tolist()
 
     @property
     def passed(self) -> bool:

@@ -129,40 +129,42 @@ class CasadiKKT(AbstractCondition):
             return (z - zd) + _Residual.apply(self.kernels, True, zd, alo, aup, *params)
         return _Residual.apply(self.kernels, False, z, alo, aup, *params)
 
-    def certificate(self, z: torch.Tensor, alo: torch.Tensor, aup: torch.Tensor, *params: Any) -> torch.Tensor:
-        """F (not K^{-1}F) plus primal feasibility of inactive rows and multiplier signs of active ones."""
-        k = self.kernels
-        zn, lo, up, p = _np(z), _np(alo), _np(aup), _flat_params(params)
-        pt = k.at(zn, lo, up, p)
-        F, c, lb, ub = pt.F, pt.c, pt.lb, pt.ub
-        lam = zn[k.n :]
-        free = (lo + up) == 0
-        viol = np.where(free, np.maximum(c - ub, 0) + np.maximum(lb - c, 0), 0.0)
-        sign = np.where(up > 0, np.maximum(-lam, 0), 0.0) + np.where((lo > 0) & (lb != ub), np.maximum(lam, 0), 0.0)
-        out = np.nan_to_num(np.concatenate([F, viol, sign]), nan=np.inf)
-        return torch.as_tensor(out, dtype=z.dtype, device=z.device)
-
     def certificate_blocks(self) -> tuple[int, ...]:
         """Stationarity, constraint rows, inactive rows' feasibility, multiplier signs."""
         n, m = self.kernels.n, self.kernels.m
         return (n, m, m, m)
 
-    def residual_scale(self, z: torch.Tensor, alo: torch.Tensor, aup: torch.Tensor, *params: Any) -> torch.Tensor:
-        """The size of the terms of each `certificate` component, exact from CasADi's sparse Jacobians:
-        |d2L/dx2||x| + |grad f| + |dc/dx^T||lam| + |d2L/dxdp||p| for stationarity, |dc/dx||x| + |dc/dp||p| +
-        |bounds| for constraint rows (|lam| where a multiplier is pinned), and for a multiplier's sign the
-        size a multiplier of that row must have to matter in stationarity."""
+    def certify(self, Z: torch.Tensor, aux: tuple, params: list, batched: tuple[bool, ...]) -> tuple[np.ndarray, ...]:
+        """(certificate, term sizes) of a batch, in numpy, instance by instance (`certify_one`)."""
+        Zn, lo, up = (t.detach().to("cpu", torch.float64).numpy() for t in (Z, *aux))
+        out = [self.certify_one(Zn[i], lo[i], up[i], _flat_params(tuple(t[i] if b else t for t, b in zip(
+            params, batched, strict=True)))) for i in range(Zn.shape[0])]
+        return np.stack([c for c, _ in out]), np.stack([s for _, s in out])
+
+    def certify_one(self, z: np.ndarray, lo: np.ndarray, up: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, ...]:
+        """(certificate, term sizes) of one answer, in numpy, from the values the polish already evaluated
+        there (`KKTKernels.at`, `row_sizes`: cached by value).
+
+        The certificate: F (not K^{-1} F), the feasibility of inactive rows, the signs of active multipliers.
+        The size of each component's terms, exact from CasADi's sparse Jacobians: |d2L/dx2||x| + |grad f| +
+        |dc/dx^T||lam| + |d2L/dxdp||p| for stationarity, |dc/dx||x| + |dc/dp||p| + |bounds| for constraint
+        rows (|lam| where a multiplier is pinned), and for a multiplier's sign the size a multiplier of that
+        row must have to matter in stationarity.
+        """
         k = self.kernels
-        zn, lo, up, p = _np(z), _np(alo), _np(aup), _flat_params(params)
-        x, lam = zn[: k.n], zn[k.n :]
-        terms = k.at(zn, lo, up, p).terms(zn, p)
-        rows, norms, gf = k.row_sizes(x, p)
-        stat = terms[: k.n] + gf
+        pt = k.at(z, lo, up, p)
+        F, c, lb, ub = pt.F, pt.c, pt.lb, pt.ub
+        lam = z[k.n :]
+        free = (lo + up) == 0
+        viol = np.where(free, np.maximum(c - ub, 0) + np.maximum(lb - c, 0), 0.0)
+        sign = np.where(up > 0, np.maximum(-lam, 0), 0.0) + np.where((lo > 0) & (lb != ub), np.maximum(lam, 0), 0.0)
+        certificate = np.nan_to_num(np.concatenate([F, viol, sign]), nan=np.inf)
+        rows, norms, gf = k.row_sizes(z[: k.n], p)
+        stat = pt.terms(z, p)[: k.n] + gf
         top = stat.max(initial=0.0)
         dual = np.where(norms > 0, top / np.where(norms > 0, norms, 1.0), 0.0)
-        held = (lo + up) > 0
-        out = np.concatenate([stat, np.where(held, rows, np.abs(lam)), rows, dual + np.abs(lam)])
-        return torch.as_tensor(np.nan_to_num(out, nan=0.0, posinf=0.0), dtype=z.dtype, device=z.device)
+        scale = np.concatenate([stat, np.where(free, np.abs(lam), rows), rows, dual + np.abs(lam)])
+        return certificate, np.nan_to_num(scale, nan=0.0, posinf=0.0)
 
     def prepare(self, solution: Any, params: tuple[Any, ...], options: Any) -> tuple[torch.Tensor, tuple]:
         """(z, (a_lo, a_up)): the answer on the active set it settles on, polished onto it (`_active`)."""

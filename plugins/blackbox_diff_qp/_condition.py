@@ -19,9 +19,9 @@ function theorem's. So the backward is one batched vector-matrix product with K0
 dF/dtheta (outer products with x and the multipliers); no per-instance Python loop and no factorisation.
 
 Certification compares each component of F (and of the sign conditions) with the size of its own terms,
-given exactly by `residual_scale`. A degenerate instance (dependent active rows, a weakly active row, or
-K_S singular) is reported to the engine by `degeneracy` with its admissible active sets, each with its own
-exact point and inverse (`blackbox_diff_qp._degenerate`).
+both computed for the whole batch in numpy (`certify`). A degenerate instance (dependent active rows, a
+weakly active row, or K_S singular) is reported to the engine by `degeneracy` with its admissible active
+sets, each with its own exact point and inverse (`blackbox_diff_qp._degenerate`).
 """
 
 from __future__ import annotations
@@ -37,6 +37,22 @@ from blackbox_diff.plugin import answer_dtype_device, owned_tensor
 from ._degenerate import REGULAR, SINGULAR, WEAK, qp_degeneracy
 
 __all__ = ["QPCondition", "REGULAR", "SINGULAR", "WEAK"]
+
+_TINY = float(np.finfo(np.float64).tiny)
+
+
+def _numpy(t: torch.Tensor) -> np.ndarray:
+    return t.detach().to("cpu", torch.float64).numpy()
+
+
+def _mv(M: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """Batched M v (leading dimensions broadcast)."""
+    return (M @ v[..., None])[..., 0]
+
+
+def _vm(v: np.ndarray, M: np.ndarray) -> np.ndarray:
+    """Batched v^T M (leading dimensions broadcast)."""
+    return (v[..., None, :] @ M)[..., 0, :]
 
 
 class QPCondition(AbstractCondition):
@@ -102,37 +118,45 @@ class QPCondition(AbstractCondition):
         dF = torch.cat([stationarity, kept * rows[..., :p], active * rows[..., p:]], dim=-1)
         return dF if inverse is None else torch.einsum(vm, dF, inverse)
 
-    def certificate(self, z: torch.Tensor, *rest: Any) -> torch.Tensor:
-        """F, the feasibility of inactive rows and dropped equalities, and the signs of active multipliers."""
-        active, kept, _, _, params = self.unpack(rest)
-        Q, p, G, h, A, b = params
-        x, _, lam = self.split(z)
-        F = self.raw_residual(z, active, kept, Q, p, G, h, A, b)
-        return torch.cat([F, (1 - active) * torch.relu(x @ G.mT - h), active * torch.relu(-lam),
-                          (1 - kept) * (x @ A.mT - b)])
-
     def certificate_blocks(self) -> tuple[int, ...]:
-        """Stationarity, equality rows, inequality rows, inactive rows' feasibility, multiplier signs,
-        dropped equalities: each part in its own units."""
+        """Stationarity, equality rows, inequality rows, dropped equalities' and inactive rows' feasibility,
+        multiplier signs: each part in its own units."""
         n, pe, m = self.n, self.p, self.m
-        return (n, pe, m, m, m, pe)
+        return (n, pe, m, pe, m, m)
 
-    def residual_scale(self, z: torch.Tensor, *rest: Any) -> torch.Tensor:
-        """The size of the terms of each `certificate` component: |Q||x| + |p| + |A^T||nu| + |G^T||lam| for
-        stationarity, |A||x| + |b| and |G||x| + |h| for constraint rows, |lam| for pinned multipliers, and for
-        a multiplier's sign the size a multiplier of that row must have to matter in stationarity."""
-        active, kept, _, _, params = self.unpack(rest)
-        Q, p, G, h, A, b = params
-        x, nu, lam = self.split(z)
-        ax, anu, alam = x.abs(), (kept * nu).abs(), (active * lam).abs()
-        Qa, Ga, Aa = (0.5 * (Q + Q.mT)).abs(), G.abs(), A.abs()
-        stat = ax @ Qa + p.abs() + anu @ Aa + alam @ Ga
-        eq_terms = ax @ Aa.mT + b.abs()
-        row_terms = ax @ Ga.mT + h.abs()
+    def certify(self, Z: torch.Tensor, aux: tuple, params: list, batched: tuple[bool, ...]) -> tuple[np.ndarray, ...]:
+        """(certificate, term sizes) of a whole batch, in numpy: a few batched products of the data, a small
+        fraction of a backward (the torch certificate cost more than the backward itself).
+
+        The certificate: F, the feasibility of dropped equalities and of inactive rows, the signs of active
+        multipliers. The size of each component's terms: |Q||x| + |p| + |A^T||nu| + |G^T||lam| for
+        stationarity, |A||x| + |b| and |G||x| + |h| for constraint rows, |y| for pinned multipliers, and for
+        a multiplier's sign the size a multiplier of that row must have to matter in stationarity.
+        """
+        B, n, pe = Z.shape[0], self.n, self.p
+        z, active, kept = (_numpy(t) for t in (Z, aux[0], aux[1]))
+        Q, p, G, h, A, b = (_numpy(t) if bt else _numpy(t)[None] for t, bt in zip(params, batched, strict=True))
+        x, y, lam = z[:, :n], z[:, n:], z[:, n + pe :]
+
+        def full(a):
+            return a if a.shape[0] == B else np.broadcast_to(a, (B, *a.shape[1:]))
+
+        # The constraint rows stacked (equalities, then inequalities): one product each way, for F and terms.
+        H, rhs = np.concatenate([full(A), full(G)], axis=1), np.concatenate([full(b), full(h)], axis=1)
+        on = np.concatenate([kept, active], axis=1)
+        off, Ha, ax, Qa = 1.0 - on, np.abs(H), np.abs(x), np.abs(Q)
+        r, held = _mv(H, x) - rhs, on * y
+        # The gradient of 1/2 x^T Q x is 1/2 (Q + Q^T) x: terms 1/2 Q_ij x_j and 1/2 Q_ji x_j.
+        stat = 0.5 * (_mv(Qa, ax) + _vm(ax, Qa)) + np.abs(p) + _vm(np.abs(held), Ha)
+        row_terms = _mv(Ha, ax) + np.abs(rhs)
+        # A dropped equality must hold both ways (|r|), an inactive inequality one way (max(r, 0)).
+        feasibility = np.concatenate([r[:, :pe], np.maximum(r[:, pe:], 0.0)], axis=1)
+        certificate = np.concatenate([0.5 * (_mv(Q, x) + _vm(x, Q)) + p + _vm(held, H), on * r + off * y,
+                                      off * feasibility, active * np.maximum(-lam, 0.0)], axis=1)
         # A multiplier error d on row i moves stationarity by |G_i| d: it matters beside terms of size stat.
-        dual = stat.amax(dim=-1, keepdim=True) / Ga.amax(dim=-1).clamp_min(torch.finfo(Ga.dtype).tiny)
-        return torch.cat([stat, kept * eq_terms + (1 - kept) * nu.abs(),
-                          active * row_terms + (1 - active) * lam.abs(), row_terms, dual + lam.abs(), eq_terms])
+        dual = stat.max(axis=1, keepdims=True, initial=0.0) / np.maximum(Ha[:, pe:].max(axis=2, initial=0.0), _TINY)
+        scale = np.concatenate([stat, on * row_terms + off * np.abs(y), row_terms, dual + np.abs(lam)], axis=1)
+        return certificate, scale
 
     # --- answer -> unknowns -> outputs ------------------------------------------------------------
     def prepare(self, solution: Any, params: tuple, options: Any) -> tuple[torch.Tensor, tuple]:
@@ -144,9 +168,10 @@ class QPCondition(AbstractCondition):
         def tensor(a: Any) -> torch.Tensor:
             return owned_tensor(a, *fmt)
 
-        aux = (tensor(active), tensor(np.ones(self.p)), tensor([status]))
+        kept = np.ones(self.p)
+        aux = (tensor(active), tensor(kept), tensor([status]))
         if self.precondition:
-            aux += (tensor(self.full_inverse(solution.kkt_inverse, active, np.ones(self.p, dtype=bool))),)
+            aux += (tensor(self.full_inverse(solution.kkt_inverse, active, kept.astype(bool))),)
         return tensor(z), aux
 
     def full_inverse(self, inverse: np.ndarray | None, active: np.ndarray, kept: np.ndarray) -> np.ndarray:
