@@ -303,8 +303,11 @@ class Call(abc.ABC):
             return None
         tol = effective_tolerance(tol, Z.dtype)
         full = bool(ok.all())
-        rows = None if full else torch.nonzero(ok).flatten()
-        C, scale = self._certificate(system, Z, params, rows, full, R)
+        rows = torch.nonzero(ok).flatten() if not full else None
+        sub = system if full else system.rows(rows)
+        Zs = (Z if full else Z[rows]).detach()
+        Ps = [p.detach() for p in (list(params) if full else sub.params_rows(params, rows))]
+        C, scale = self._certificate(sub, Zs, Ps, R)
         if passes(C, scale, tol):  # within tol of its own terms without the floor: nothing more to test
             return None
         rel = relative_residual(C, scale, tol, self.certificate_blocks())
@@ -312,9 +315,6 @@ class Call(abc.ABC):
         if bool(row_ok.all()):
             return None
         rows = torch.nonzero(ok).flatten() if rows is None else rows
-        sub = system if full else system.rows(rows)
-        Zs = (Z if full else Z[rows]).detach()
-        Ps = [p.detach() for p in (list(params) if full else sub.params_rows(params, rows))]
         passed = []
         for k, r in enumerate(rows.tolist()):
             if row_ok[k]:
@@ -335,19 +335,17 @@ class Call(abc.ABC):
             passed.append(False)
         return torch.tensor(passed, dtype=torch.bool)
 
-    def _certificate(self, system: System, Z, params, rows: torch.Tensor | None, full: bool,
+    def _certificate(self, sub: System, Zs: torch.Tensor, Ps: list[torch.Tensor],
                      R: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        """(certificate, term sizes) of the ok rows, numpy (k, m): the condition's batch `certify_fn`, else its
-        torch certificate and term sizes."""
-        sub = system if full else system.rows(rows)
-        Zs = (Z if full else Z[rows]).detach()
-        Ps = [p.detach() for p in (list(params) if full else sub.params_rows(params, rows))]
+        """(certificate, term sizes) of the ok rows (their system `sub`, answers `Zs`, parameters `Ps`; R: the
+        residual there), numpy (k, m): the condition's batch `certify_fn`, else its torch certificate and
+        term sizes."""
         own = self.certify_fn()
         if own is not None:
             C, scale = own(Zs, sub.aux, Ps, sub.batched)
             return np.asarray(C), np.asarray(scale)
         cert = self.certificate_fn()
-        fn = cert or system.residual
+        fn = cert or sub.residual
 
         def certificate(Zv: torch.Tensor, Pv: list[torch.Tensor]) -> torch.Tensor:
             return fn(Zv, sub.aux, Pv, sub.batched)
@@ -358,7 +356,7 @@ class Call(abc.ABC):
         if scale_fn is not None:
             scale = scale_fn(Zs, sub.aux, Ps, sub.batched)
         else:
-            scale = term_scale(certificate, Zs, Ps) if system.functional else None
+            scale = term_scale(certificate, Zs, Ps) if sub.functional else None
         if scale is None:  # no derivatives to size the terms with: the unknowns' size, as a last resort
             scale = (1.0 + Zs.abs().amax(dim=1, keepdim=True)).expand_as(C) if Zs.shape[1] else torch.ones_like(C)
         return C.detach().cpu().numpy(), scale.detach().to(C.dtype).cpu().numpy()
