@@ -666,3 +666,51 @@ def test_stated_parameter_jvp_is_the_residuals_own_derivative(kind):
         prob = cp.Problem(cp.Minimize(cp.sum_squares(x - q) + q[0] * q[1] * x[2]), [x >= 0])
         layer, values = bbd.layer(prob, parameters=[q], variables=[x], allow_non_dpp=True), [[1.0, -0.5, 0.3]]
     _stated_vs_derived_jvp(layer, values)
+
+
+def _lp_quadratic_param():
+    """An LP whose cost and a constraint matrix are parameters, plus a parameter-scaled quadratic term
+    (P depends on theta: the quadratic's data map is not constant)."""
+    x = cp.Variable(3)
+    c, G, h, s = cp.Parameter(3), cp.Parameter((2, 3)), cp.Parameter(2), cp.Parameter(nonneg=True)
+    problem = cp.Problem(cp.Minimize(c @ x + s * cp.sum_squares(x)), [G @ x <= h, x >= -1, cp.sum(x) == 0.5])
+    rng = np.random.default_rng(5)
+    return problem, [c, G, h, s], x, [rng.standard_normal(3), rng.standard_normal((2, 3)), rng.uniform(0.5, 1.0, 2),
+                                      np.array(0.7)]
+
+
+@pytest.mark.parametrize("case", ["qp", "lp+param quadratic"])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_numpy_batch_certificate_is_the_torch_certificate(case, batch):
+    # Certification of polyhedral programs runs on the condition's numpy `certify` (data rebuilt from theta);
+    # it must be the torch certificate and term sizes exactly, row for row, shared parameters broadcast.
+    from blackbox_diff import ImplicitOptions
+
+    problem, params, x, values = _qp(seed=7) if case == "qp" else _lp_quadratic_param()
+    compiled = bbd.layer(problem, parameters=params, variables=[x]).compiled
+    condition = compiled.condition
+    rng = np.random.default_rng(1)
+    raw = [torch.as_tensor(v).detach().to(torch.float64) for v in values]
+    shared = [k == 1 for k in range(len(raw))]  # the second parameter (a matrix) is shared by the batch
+    rows = []
+    for i in range(batch):
+        inst = [r if shared[k] else r + (0.05 * i * torch.as_tensor(rng.standard_normal(tuple(r.shape)))).abs()
+                for k, r in enumerate(raw)]
+        z, aux = condition.prepare(compiled.solve(*[t.numpy() for t in inst]), tuple(inst), ImplicitOptions())
+        # Off the solution (every part of the certificate nonzero somewhere), so both values are compared.
+        rows.append((z + 0.1 * torch.as_tensor(rng.standard_normal(z.numel())), aux, inst))
+    Z = torch.stack([r[0] for r in rows])
+    aux = tuple(torch.stack([r[1][k] for r in rows]) for k in range(len(rows[0][1])))
+    params_b = [raw[k] if shared[k] else torch.stack([r[2][k] for r in rows]) for k in range(len(raw))]
+    C, S = condition.certify(Z, aux, params_b, tuple(not s for s in shared))
+    for i, (z, a, inst) in enumerate(rows):
+        torch.testing.assert_close(torch.as_tensor(C[i]), condition.certificate(z, *a, *inst), atol=1e-12, rtol=0)
+        torch.testing.assert_close(torch.as_tensor(S[i]), condition.residual_scale(z, *a, *inst), atol=0, rtol=1e-12)
+    assert S.shape == (batch, sum(condition.certificate_blocks())) and np.abs(C).min(axis=0).max() > 1e-3
+
+
+def test_second_order_cone_programs_keep_the_torch_certificate():
+    x, t = cp.Variable(2), cp.Parameter(2)
+    problem = cp.Problem(cp.Minimize(cp.sum(x)), [cp.norm(x - t, 2) <= 1])
+    condition = bbd.layer(problem, parameters=[t], variables=[x]).compiled.condition
+    assert condition.certify(torch.zeros(1, 5), (torch.ones(1, 0),), [torch.zeros(2)], (False,)) is None

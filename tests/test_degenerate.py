@@ -570,7 +570,7 @@ def test_the_batch_certificate_is_each_instances_own():
         data = [Q, torch.tensor(5 * rng.standard_normal(n)), torch.tensor(G),
                 torch.tensor(G @ x0 + 0.1 * rng.random(m)), torch.tensor(A), torch.tensor(A @ x0)]
         z, aux = cond.prepare(compiled.solve(*[d.numpy() for d in data]), tuple(data), bbd.ImplicitOptions())
-        rows.append((z, aux, data))
+        rows.append((z + 0.1 * torch.as_tensor(rng.standard_normal(z.numel())), aux, data))  # off the solution
     Z = torch.stack([r[0] for r in rows])
     aux = tuple(torch.stack([r[1][k] for r in rows]) for k in range(len(rows[0][1])))
     params = [Q] + [torch.stack([r[2][k] for r in rows]) for k in range(1, 6)]
@@ -580,7 +580,7 @@ def test_the_batch_certificate_is_each_instances_own():
                               (False, True, True, True, True, True))
         np.testing.assert_allclose(C[i], Ci[0], rtol=0, atol=1e-12)
         np.testing.assert_allclose(S[i], Si[0], rtol=1e-14)
-    assert C.shape == S.shape == (3, sum(cond.certificate_blocks()))
+    assert C.shape == S.shape == (3, sum(cond.certificate_blocks())) and np.abs(C[:, :n]).min() > 1e-6
     assert np.all(S[:, :n] > 0)  # stationarity terms are never empty here: a zero would make any residual fail
 
 

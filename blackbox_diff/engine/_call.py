@@ -83,8 +83,8 @@ class Call(abc.ABC):
 
     def certify_fn(self) -> Callable | None:
         """(Z, aux, params, batched) -> (certificate, term sizes), numpy (B, m), for a whole batch at once: the
-        condition's own (e.g. from the data in numpy, cheaper than its torch certificate); None: the engine
-        evaluates `certificate_fn` and `scale_fn`."""
+        condition's own (e.g. from the data in numpy, cheaper than its torch certificate); None, or a function
+        that returns None for this batch: the engine evaluates `certificate_fn` and `scale_fn`."""
         return None
 
     def scale_fn(self) -> Residual | None:
@@ -341,9 +341,9 @@ class Call(abc.ABC):
         residual there), numpy (k, m): the condition's batch `certify_fn`, else its torch certificate and
         term sizes."""
         own = self.certify_fn()
-        if own is not None:
-            C, scale = own(Zs, sub.aux, Ps, sub.batched)
-            return np.asarray(C), np.asarray(scale)
+        stated = None if own is None else own(Zs, sub.aux, Ps, sub.batched)
+        if stated is not None:
+            return np.asarray(stated[0]), np.asarray(stated[1])
         cert = self.certificate_fn()
         fn = cert or sub.residual
 

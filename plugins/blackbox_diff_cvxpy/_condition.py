@@ -39,9 +39,27 @@ from ._degenerate import REGULAR, SINGULAR, UNCHECKED, WEAK, cone_degeneracy
 from ._expcone import exp_jacobian, project_exp
 from ._powcone import project_pow
 from ._refine import polyhedral_refine, regular_lu
-from ._theta import theta_tangent, theta_torch
+from ._theta import theta_numpy, theta_tangent, theta_torch
 
 __all__ = ["ConeCondition", "project_psd", "project_soc"]
+
+
+_TINY = float(np.finfo(np.float64).tiny)
+
+
+def _numpy(t: torch.Tensor) -> np.ndarray:
+    return t.numpy() if t.dtype is torch.float64 and t.is_cpu and not t.requires_grad else (
+        t.detach().to("cpu", torch.float64).numpy())
+
+
+def _mv(M: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """Batched M v."""
+    return (M @ v[..., None])[..., 0]
+
+
+def _vm(v: np.ndarray, M: np.ndarray) -> np.ndarray:
+    """Batched v^T M."""
+    return (v[..., None, :] @ M)[..., 0, :]
 
 
 def project_soc(v: torch.Tensor) -> torch.Tensor:
@@ -298,6 +316,43 @@ class ConeCondition(AbstractCondition):
         top = stat.amax(dim=-1, keepdim=True)
         dual = top / Aa[z0:start].sum(dim=-1).clamp_min(torch.finfo(z.dtype).tiny)
         return torch.cat([stat, polyhedral, rows[start:] + s_cone.abs(), rows[:start], dual + w[z0:start].abs()])
+
+    def certify(self, Z: torch.Tensor, aux: tuple, params: list, batched: tuple[bool, ...]):
+        """`certificate` and `residual_scale` of a whole batch in numpy, for polyhedral programs (zero and
+        non-negative cones: every QP and LP) with DPP data: the data from theta by one sparse product per map
+        for the batch, then a few batched products. Other programs: None (the torch certificate, whose cone
+        projections this does not repeat)."""
+        program = self.program
+        cones = program.cones
+        if cones.nonlinear or self.linearization:
+            return None
+        B, n, m, z0 = Z.shape[0], program.n, program.m, cones.zero
+        z, active = _numpy(Z), _numpy(aux[0])
+        values = [_numpy(t) for t in params]
+        theta = np.stack([theta_numpy(program.pieces, program.n_theta,
+                                      [v[i] if b else v for v, b in zip(values, batched, strict=True)])
+                          for i in range(B)], axis=1)  # (n_theta + 1, B)
+        c, b = (program.c_map.matrix @ theta).T, (program.b_map.matrix @ theta).T
+        A = np.zeros((B, m, n))
+        A[:, program.A_rows, program.A_cols] = (program.A_map.matrix @ theta).T
+        x, w = z[:, :n], z[:, n:]
+        y = active * w
+        Aa, ax = np.abs(A), np.abs(x)
+        stat_value = _vm(y, A) + c
+        stat = _vm(np.abs(y), Aa) + np.abs(c)
+        if program.P_map is not None:
+            P = np.zeros((B, n, n))
+            P[:, program.P_rows, program.P_cols] = (program.P_map.matrix @ theta).T
+            stat_value, stat = stat_value + _mv(P, x), stat + _mv(np.abs(P), ax)
+        r = _mv(A, x) - b
+        rows = _mv(Aa, ax) + np.abs(b)
+        off, a = 1.0 - active, active[:, z0:]
+        certificate = np.concatenate([stat_value, active * r + off * w, off[:, :z0] * r[:, :z0],
+                                      (1.0 - a) * np.maximum(r[:, z0:], 0.0), a * np.maximum(-w[:, z0:], 0.0)],
+                                     axis=1)
+        dual = stat.max(axis=1, keepdims=True, initial=0.0) / np.maximum(Aa[:, z0:].sum(axis=2), _TINY)
+        scale = np.concatenate([stat, active * rows + off * np.abs(w), rows, dual + np.abs(w[:, z0:])], axis=1)
+        return certificate, scale
 
     def jacobian(self, z: torch.Tensor, active: torch.Tensor, data: tuple) -> torch.Tensor:
         """dF/dz assembled from the data: [[P, A^T Dy], [rows of A, Ds]] (dense, one instance)."""
