@@ -10,6 +10,7 @@ from blackbox_diff.engine._batching import answer_dtype_device as answer_dtype_d
 from blackbox_diff.engine._batching import as_parameters as as_parameters
 from blackbox_diff.engine._batching import batch_layout as batch_layout
 from blackbox_diff.engine._batching import check_finite as check_finite
+from blackbox_diff.engine._batching import float64_numpy as float64_numpy
 from blackbox_diff.engine._batching import instance_args as instance_args
 from blackbox_diff.engine._batching import owned_tensor as owned_tensor
 from blackbox_diff.engine._call import Answers, Call

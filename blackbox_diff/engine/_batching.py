@@ -29,6 +29,14 @@ def answer_dtype_device(params: Sequence[Any]) -> tuple[torch.dtype, torch.devic
     return torch.float64, tensors[0].device if tensors else torch.device("cpu")
 
 
+def float64_numpy(t: torch.Tensor) -> np.ndarray:
+    """A tensor's values as a float64 numpy array on the CPU, for a condition's numpy `certify`: the tensor's
+    own memory when it already is one (no copy, no autograd), else a converted copy."""
+    if t.dtype is torch.float64 and t.is_cpu and not t.requires_grad:
+        return t.numpy()
+    return t.detach().to("cpu", torch.float64).numpy()
+
+
 def owned_tensor(value: Any, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A black-box answer (tensor, array, number) as a tensor of its own: always a copy.
 

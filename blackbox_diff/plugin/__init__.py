@@ -6,7 +6,8 @@ A backend subclasses `AbstractBackend` (with its own `BackendOptions` model), co
 ``blackbox_diff``. The registry functions below list, find and (for tests) temporarily register
 backends; `blackbox_diff.testing` checks a backend against the contract; `blackbox_diff.kkt` holds the
 active-set tools of KKT-based backends. A condition's ``prepare`` turns the black box's answer into
-tensors of the parameters' dtype and device with `answer_dtype_device` and `owned_tensor`.
+tensors of the parameters' dtype and device with `answer_dtype_device` and `owned_tensor`; a numpy
+``certify`` reads tensors with `float64_numpy`.
 
 The built-in backends (``plugins/blackbox_diff_*``) import nothing else from blackbox_diff than these
 public names, so a third-party backend can do whatever they do.
@@ -14,7 +15,7 @@ public names, so a third-party backend can do whatever they do.
 
 from __future__ import annotations
 
-from blackbox_diff.engine import answer_dtype_device, owned_tensor
+from blackbox_diff.engine import answer_dtype_device, float64_numpy, owned_tensor
 from blackbox_diff.plugin._backend import AbstractBackend, BackendOptions, Compiled, parse_shapes
 from blackbox_diff.plugin._hookspecs import PROJECT_NAME, hookimpl
 from blackbox_diff.plugin._registry import (
@@ -46,6 +47,7 @@ __all__ = [
     "answer_dtype_device",
     "backends",
     "find_backend",
+    "float64_numpy",
     "get_backend",
     "hookimpl",
     "owned_tensor",

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from blackbox_diff import AbstractCondition
-from blackbox_diff.plugin import answer_dtype_device, owned_tensor
+from blackbox_diff.plugin import answer_dtype_device, float64_numpy, owned_tensor
 from blackbox_diff_casadi._active import settle
 from blackbox_diff_casadi._degenerate import casadi_degeneracy
 from blackbox_diff_casadi._kkt import KKTKernels
@@ -136,7 +136,7 @@ class CasadiKKT(AbstractCondition):
 
     def certify(self, Z: torch.Tensor, aux: tuple, params: list, batched: tuple[bool, ...]) -> tuple[np.ndarray, ...]:
         """(certificate, term sizes) of a batch, in numpy, instance by instance (`certify_one`)."""
-        Zn, lo, up = (t.detach().to("cpu", torch.float64).numpy() for t in (Z, *aux))
+        Zn, lo, up = (float64_numpy(t) for t in (Z, *aux))
         out = [self.certify_one(Zn[i], lo[i], up[i], _flat_params(tuple(t[i] if b else t for t, b in zip(
             params, batched, strict=True)))) for i in range(Zn.shape[0])]
         return np.stack([c for c, _ in out]), np.stack([s for _, s in out])

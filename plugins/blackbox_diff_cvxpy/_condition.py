@@ -32,7 +32,7 @@ import torch
 
 from blackbox_diff import AbstractCondition
 from blackbox_diff.kkt import classify
-from blackbox_diff.plugin import answer_dtype_device
+from blackbox_diff.plugin import answer_dtype_device, float64_numpy
 
 from ._canon import ConeLayout
 from ._degenerate import REGULAR, SINGULAR, UNCHECKED, WEAK, cone_degeneracy
@@ -45,11 +45,6 @@ __all__ = ["ConeCondition", "project_psd", "project_soc"]
 
 
 _TINY = float(np.finfo(np.float64).tiny)
-
-
-def _numpy(t: torch.Tensor) -> np.ndarray:
-    return t.numpy() if t.dtype is torch.float64 and t.is_cpu and not t.requires_grad else (
-        t.detach().to("cpu", torch.float64).numpy())
 
 
 def _mv(M: np.ndarray, v: np.ndarray) -> np.ndarray:
@@ -327,8 +322,8 @@ class ConeCondition(AbstractCondition):
         if cones.nonlinear or self.linearization:
             return None
         B, n, m, z0 = Z.shape[0], program.n, program.m, cones.zero
-        z, active = _numpy(Z), _numpy(aux[0])
-        values = [_numpy(t) for t in params]
+        z, active = float64_numpy(Z), float64_numpy(aux[0])
+        values = [float64_numpy(t) for t in params]
         theta = np.stack([theta_numpy(program.pieces, program.n_theta,
                                       [v[i] if b else v for v, b in zip(values, batched, strict=True)])
                           for i in range(B)], axis=1)  # (n_theta + 1, B)

@@ -32,7 +32,7 @@ REGULAR, WEAK, SINGULAR, UNCHECKED = 0.0, 1.0, 2.0, 3.0
 def cone_degeneracy(cond: Any, z: torch.Tensor, aux: tuple, params: tuple, options: Any) -> Degeneracy | None:
     """A `Degeneracy` for an answer the forward did not verify regular; None when the toolkit finds it
     regular (or the program has no polyhedral rows)."""
-    status = float(aux[3].reshape(-1)[0])
+    status = aux[3].item()
     cones = cond.program.cones
     z0, start = cones.zero, cones.conic_start
     if status == REGULAR or start == 0:

@@ -32,17 +32,13 @@ import numpy as np
 import torch
 
 from blackbox_diff import AbstractCondition, KKTSolution
-from blackbox_diff.plugin import answer_dtype_device, owned_tensor
+from blackbox_diff.plugin import answer_dtype_device, float64_numpy, owned_tensor
 
 from ._degenerate import REGULAR, SINGULAR, WEAK, qp_degeneracy
 
 __all__ = ["QPCondition", "REGULAR", "SINGULAR", "WEAK"]
 
 _TINY = float(np.finfo(np.float64).tiny)
-
-
-def _numpy(t: torch.Tensor) -> np.ndarray:
-    return t.detach().to("cpu", torch.float64).numpy()
 
 
 def _mv(M: np.ndarray, v: np.ndarray) -> np.ndarray:
@@ -134,8 +130,9 @@ class QPCondition(AbstractCondition):
         a multiplier's sign the size a multiplier of that row must have to matter in stationarity.
         """
         B, n, pe = Z.shape[0], self.n, self.p
-        z, active, kept = (_numpy(t) for t in (Z, aux[0], aux[1]))
-        Q, p, G, h, A, b = (_numpy(t) if bt else _numpy(t)[None] for t, bt in zip(params, batched, strict=True))
+        z, active, kept = (float64_numpy(t) for t in (Z, aux[0], aux[1]))
+        Q, p, G, h, A, b = (float64_numpy(t) if bt else float64_numpy(t)[None]
+                            for t, bt in zip(params, batched, strict=True))
         x, y, lam = z[:, :n], z[:, n:], z[:, n + pe :]
 
         def full(a):
@@ -188,7 +185,7 @@ class QPCondition(AbstractCondition):
 
     def degeneracy(self, z: torch.Tensor, aux: tuple, params: tuple, options: Any) -> Any:
         """The admissible active sets of a degenerate answer (see `blackbox_diff_qp._degenerate`)."""
-        if float(aux[2].reshape(-1)[0]) == REGULAR:
+        if aux[2].item() == REGULAR:
             return None
         return qp_degeneracy(self, z, aux, params)
 
