@@ -117,19 +117,23 @@ class KKTKernels:
     def kkt_matrix(self, z, alo, aup, p):
         return self.at(z, alo, aup, p).matrix()
 
-    def _primal(self, x: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, ...]:
-        """(c, lb, ub, row terms, row norms, |grad f|) at x, cached by value (the active-set iteration, the
-        degeneracy check and certification all come back to the same x)."""
-        key = ("primal", x.tobytes(), p.tobytes())
+    def _memo(self, key: tuple, compute) -> Any:
+        """compute(), cached under `key` (by value; the least recently stored beyond _CACHE_SIZE dropped)."""
         with self._lock:
             hit = self._cache.get(key)
         if hit is None:
-            hit = tuple(v.full().reshape(-1) for v in self.primal(x, p))
+            hit = compute()
             with self._lock:
                 self._cache[key] = hit
                 if len(self._cache) > _CACHE_SIZE:
                     self._cache.popitem(last=False)
         return hit
+
+    def _primal(self, x: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, ...]:
+        """(c, lb, ub, row terms, row norms, |grad f|) at x, cached by value (the active-set iteration, the
+        degeneracy check and certification all come back to the same x)."""
+        return self._memo(("primal", x.tobytes(), p.tobytes()),
+                          lambda: tuple(v.full().reshape(-1) for v in self.primal(x, p)))
 
     def constraint_values(self, x: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         return self._primal(x, p)[:3]
@@ -166,10 +170,15 @@ class KKTKernels:
         return best_z, lu is not None and (best.converged(best_z, p) or best_err <= 1e-12 * first.error)
 
     def row_sizes(self, x: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(|dc/dx||x| + |dc/dp||p| + |finite bounds|, row 1-norms of dc/dx, |grad f|) at x."""
-        _, lb, ub, terms, norms, gf = self._primal(x, p)
-        bounds = np.maximum(np.where(np.isfinite(lb), np.abs(lb), 0.0), np.where(np.isfinite(ub), np.abs(ub), 0.0))
-        return terms + bounds, norms, gf
+        """(|dc/dx||x| + |dc/dp||p| + |finite bounds|, row 1-norms of dc/dx, |grad f|) at x, cached by value
+        with the values they come from (certification, the active-set tolerances and the degeneracy test
+        all ask for them at the same x)."""
+        def compute():
+            _, lb, ub, terms, norms, gf = self._primal(x, p)
+            bounds = np.maximum(np.where(np.isfinite(lb), np.abs(lb), 0.0), np.where(np.isfinite(ub), np.abs(ub), 0.0))
+            return terms + bounds, norms, gf
+
+        return self._memo(("rows", x.tobytes(), p.tobytes()), compute)
 
     def dense_jacobians(self, x: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(grad f, dc/dx) at x, dense."""
