@@ -39,7 +39,7 @@ from ._degenerate import REGULAR, SINGULAR, UNCHECKED, WEAK, cone_degeneracy
 from ._expcone import exp_jacobian, project_exp
 from ._powcone import project_pow
 from ._refine import polyhedral_refine, regular_lu
-from ._theta import theta_numpy, theta_tangent, theta_torch
+from ._theta import theta_batch, theta_tangent, theta_torch
 
 __all__ = ["ConeCondition", "project_psd", "project_soc"]
 
@@ -323,10 +323,8 @@ class ConeCondition(AbstractCondition):
             return None
         B, n, m, z0 = Z.shape[0], program.n, program.m, cones.zero
         z, active = float64_numpy(Z), float64_numpy(aux[0])
-        values = [float64_numpy(t) for t in params]
-        theta = np.stack([theta_numpy(program.pieces, program.n_theta,
-                                      [v[i] if b else v for v, b in zip(values, batched, strict=True)])
-                          for i in range(B)], axis=1)  # (n_theta + 1, B)
+        values = [float64_numpy(t) if b else float64_numpy(t)[None] for t, b in zip(params, batched, strict=True)]
+        theta = theta_batch(program.pieces, program.n_theta, values, B).T  # (n_theta + 1, B)
         c, b = (program.c_map.matrix @ theta).T, (program.b_map.matrix @ theta).T
         A = np.zeros((B, m, n))
         A[:, program.A_rows, program.A_cols] = (program.A_map.matrix @ theta).T

@@ -21,7 +21,8 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["ThetaPiece", "build_pieces", "sequential_pieces", "theta_numpy", "theta_tangent", "theta_torch"]
+__all__ = ["ThetaPiece", "build_pieces", "sequential_pieces", "theta_batch", "theta_numpy", "theta_tangent",
+           "theta_torch"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,14 +49,16 @@ class ThetaPiece:
     def size(self) -> int:
         return int(np.prod(self.shape, dtype=int)) if self.gather is None else int(self.gather.size)
 
-    def numpy(self, value: np.ndarray) -> np.ndarray:
-        v = np.asarray(value, dtype=np.float64).reshape(self.shape)
+    def numpy(self, values: np.ndarray) -> np.ndarray:
+        """The piece's entries of theta (B, size) from a batch of the parameter's values (B, *shape)."""
+        v = np.asarray(values, dtype=np.float64)
+        v = v.reshape(v.shape[0], *self.shape)
         if self.log:
             v = np.log(v)
         if self.symmetric:
             v = 0.5 * (v + np.swapaxes(v, -1, -2))
-        flat = v.reshape(-1, order="F")
-        return flat if self.gather is None else flat[self.gather]
+        flat = v.transpose(0, *range(v.ndim - 1, 0, -1)).reshape(v.shape[0], -1)  # each value in Fortran order
+        return flat if self.gather is None else flat[:, self.gather]
 
     def torch(self, value: torch.Tensor) -> torch.Tensor:
         return self.linear(torch.log(value) if self.log else value)
@@ -119,10 +122,15 @@ def sequential_pieces(parameters: list) -> list[ThetaPiece]:
 
 def theta_numpy(pieces: list[ThetaPiece], n_theta: int, params: list[np.ndarray]) -> np.ndarray:
     """theta (n_theta + 1: the constant 1 last) for one instance, from numpy parameter values."""
-    theta = np.zeros(n_theta + 1)
+    return theta_batch(pieces, n_theta, [np.asarray(v)[None] for v in params], 1)[0]
+
+
+def theta_batch(pieces: list[ThetaPiece], n_theta: int, params: list[np.ndarray], B: int) -> np.ndarray:
+    """theta (B, n_theta + 1) for a batch: params[i] has a leading batch dimension of B or 1 (shared)."""
+    theta = np.zeros((B, n_theta + 1))
     for piece in pieces:
-        theta[piece.offset : piece.offset + piece.size] = piece.numpy(params[piece.index])
-    theta[-1] = 1.0
+        theta[:, piece.offset : piece.offset + piece.size] = piece.numpy(params[piece.index])
+    theta[:, -1] = 1.0
     return theta
 
 
