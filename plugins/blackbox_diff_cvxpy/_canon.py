@@ -180,6 +180,17 @@ class ConeProgram:
             P = sp.csc_matrix((p_vals[upper], p_idx, p_ptr), shape=(self.n, self.n))
         return P, c, A, b
 
+    def data_values(self, theta: np.ndarray) -> tuple[np.ndarray, ...]:
+        """(c, b, values of A on (A_rows, A_cols), values of P on (P_rows, P_cols) or None), each (B, .), for
+        a batch of theta (n_theta + 1, B): one sparse product with the maps stacked (built once)."""
+        stacked = getattr(self, "_stacked_maps", None)
+        if stacked is None:
+            maps = [self.c_map, self.b_map, self.A_map] + ([self.P_map] if self.P_map is not None else [])
+            stacked = (sp.csr_array(sp.vstack([mp.matrix for mp in maps])), np.cumsum([mp.size for mp in maps])[:-1])
+            self._stacked_maps = stacked
+        parts = np.split((stacked[0] @ theta).T, stacked[1], axis=1)
+        return (*parts, None) if self.P_map is None else tuple(parts)
+
     def dense(self, P, c, A, b) -> tuple[np.ndarray | None, np.ndarray, np.ndarray, np.ndarray]:
         """Dense (full P, c, A, b) from `data`'s output (P given as its upper triangle)."""
         A_d = A.toarray()

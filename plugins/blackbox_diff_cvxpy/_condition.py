@@ -325,9 +325,9 @@ class ConeCondition(AbstractCondition):
         z, active = float64_numpy(Z), float64_numpy(aux[0])
         values = [float64_numpy(t) if b else float64_numpy(t)[None] for t, b in zip(params, batched, strict=True)]
         theta = theta_batch(program.pieces, program.n_theta, values, B).T  # (n_theta + 1, B)
-        c, b = (program.c_map.matrix @ theta).T, (program.b_map.matrix @ theta).T
+        c, b, a_vals, p_vals = program.data_values(theta)
         A = np.zeros((B, m, n))
-        A[:, program.A_rows, program.A_cols] = (program.A_map.matrix @ theta).T
+        A[:, program.A_rows, program.A_cols] = a_vals
         x, w = z[:, :n], z[:, n:]
         y = active * w
         Aa, ax = np.abs(A), np.abs(x)
@@ -335,7 +335,7 @@ class ConeCondition(AbstractCondition):
         stat = _vm(np.abs(y), Aa) + np.abs(c)
         if program.P_map is not None:
             P = np.zeros((B, n, n))
-            P[:, program.P_rows, program.P_cols] = (program.P_map.matrix @ theta).T
+            P[:, program.P_rows, program.P_cols] = p_vals
             stat_value, stat = stat_value + _mv(P, x), stat + _mv(np.abs(P), ax)
         r = _mv(A, x) - b
         rows = _mv(Aa, ax) + np.abs(b)

@@ -52,12 +52,15 @@ class ThetaPiece:
     def numpy(self, values: np.ndarray) -> np.ndarray:
         """The piece's entries of theta (B, size) from a batch of the parameter's values (B, *shape)."""
         v = np.asarray(values, dtype=np.float64)
-        v = v.reshape(v.shape[0], *self.shape)
+        B = v.shape[0]
         if self.log:
             v = np.log(v)
-        if self.symmetric:
-            v = 0.5 * (v + np.swapaxes(v, -1, -2))
-        flat = v.transpose(0, *range(v.ndim - 1, 0, -1)).reshape(v.shape[0], -1)  # each value in Fortran order
+        if len(self.shape) > 1:
+            v = v.reshape(B, *self.shape)
+            if self.symmetric:
+                v = 0.5 * (v + np.swapaxes(v, -1, -2))
+            v = v.transpose(0, *range(v.ndim - 1, 0, -1))  # each value in Fortran order
+        flat = v.reshape(B, -1)
         return flat if self.gather is None else flat[:, self.gather]
 
     def torch(self, value: torch.Tensor) -> torch.Tensor:
