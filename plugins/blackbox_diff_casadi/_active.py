@@ -41,14 +41,19 @@ def classify_rows(kernels, x: np.ndarray, lam: np.ndarray, p: np.ndarray, tol: f
 def tolerances(kernels, z: np.ndarray, alo, aup, p: np.ndarray, tol: float) -> tuple[np.ndarray, np.ndarray]:
     """(slack, multiplier) thresholds per row: `tol` times the size of the row's terms (|dc/dx||x| +
     |dc/dp||p| + |bounds|), and times the size a multiplier of the row must have to matter in stationarity
-    (the largest stationarity term over the row's norm); floors of sqrt(tol) x the largest of each."""
-    rows, norms, _ = kernels.row_sizes(z[: kernels.n], p)
-    top = stationarity_top(kernels, z, alo, aup, p)
-    dual = np.where(norms > 0, top / np.where(norms > 0, norms, 1.0), 0.0)
-    root = np.sqrt(tol)
-    slack_tol = tol * np.maximum(rows, root * rows.max(initial=0.0))
-    dual_tol = tol * np.maximum(dual, root * dual.max(initial=0.0))
-    return slack_tol, dual_tol
+    (the largest stationarity term over the row's norm); floors of sqrt(tol) x the largest of each. Cached by
+    value: the polish's last check and the degeneracy test ask at the same point."""
+
+    def compute():
+        rows, norms, _ = kernels.row_sizes(z[: kernels.n], p)
+        top = stationarity_top(kernels, z, alo, aup, p)
+        dual = np.where(norms > 0, top / np.where(norms > 0, norms, 1.0), 0.0)
+        root = np.sqrt(tol)
+        return (tol * np.maximum(rows, root * rows.max(initial=0.0)),
+                tol * np.maximum(dual, root * dual.max(initial=0.0)))
+
+    return kernels.memo(("tolerances", z.tobytes(), np.asarray(alo).tobytes(), np.asarray(aup).tobytes(),
+                          p.tobytes(), float(tol)), compute)
 
 
 def stationarity_top(kernels, z: np.ndarray, alo, aup, p: np.ndarray) -> float:

@@ -117,7 +117,7 @@ class KKTKernels:
     def kkt_matrix(self, z, alo, aup, p):
         return self.at(z, alo, aup, p).matrix()
 
-    def _memo(self, key: tuple, compute) -> Any:
+    def memo(self, key: tuple, compute) -> Any:
         """compute(), cached under `key` (by value; the least recently stored beyond _CACHE_SIZE dropped)."""
         with self._lock:
             hit = self._cache.get(key)
@@ -132,7 +132,7 @@ class KKTKernels:
     def _primal(self, x: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, ...]:
         """(c, lb, ub, row terms, row norms, |grad f|) at x, cached by value (the active-set iteration, the
         degeneracy check and certification all come back to the same x)."""
-        return self._memo(("primal", x.tobytes(), p.tobytes()),
+        return self.memo(("primal", x.tobytes(), p.tobytes()),
                           lambda: tuple(v.full().reshape(-1) for v in self.primal(x, p)))
 
     def constraint_values(self, x: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -178,7 +178,7 @@ class KKTKernels:
             bounds = np.maximum(np.where(np.isfinite(lb), np.abs(lb), 0.0), np.where(np.isfinite(ub), np.abs(ub), 0.0))
             return terms + bounds, norms, gf
 
-        return self._memo(("rows", x.tobytes(), p.tobytes()), compute)
+        return self.memo(("rows", x.tobytes(), p.tobytes()), compute)
 
     def dense_jacobians(self, x: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(grad f, dc/dx) at x, dense."""
