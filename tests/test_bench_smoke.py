@@ -60,3 +60,20 @@ def test_bench_scale_fast_every_executor_gives_the_serial_answers(capsys):
         assert r["max_err"] < 1e-6, r
         assert r["solves_per_s"] > 0 and r["B"] == 100
     assert "ray is not installed" not in capsys.readouterr().out
+
+
+def test_check_cost_timers_see_the_checks_of_every_layer():
+    # The issue-13 tables time certification where it runs: each layer's row must have seen it (a timer
+    # patched onto a function the call no longer goes through would report 0 and a flattering ratio).
+    import bench_mpc
+    import bench_qp
+
+    for row in bench_qp.check_cost(10, 2, repeats=2):
+        assert row["certification_ms"] > 0 and row["degeneracy_ms"] > 0 and row["backward_ms"] > 0, row
+    rows = bench_mpc.check_cost(5, reps=2)
+    assert {(r["adjoint"], r["case"]) for r in rows} == {(a, c) for a in ("sparse_lu", "engine")
+                                                          for c in bench_mpc.STARTS}
+    for r in rows:
+        assert r["certification"] > 0 and r["degeneracy"] > 0, r
+        # The LU the degeneracy test triggers is set apart only where the residual reuses it.
+        assert (r["LU moved from the residual"] > 0) == (r["adjoint"] == "sparse_lu"), r
