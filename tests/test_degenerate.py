@@ -574,14 +574,46 @@ def test_the_batch_certificate_is_each_instances_own():
     Z = torch.stack([r[0] for r in rows])
     aux = tuple(torch.stack([r[1][k] for r in rows]) for k in range(len(rows[0][1])))
     params = [Q] + [torch.stack([r[2][k] for r in rows]) for k in range(1, 6)]
-    C, S = cond.certify(Z, aux, params, (False, True, True, True, True, True))
+    C, L, exact = cond.certify(Z, aux, params, (False, True, True, True, True, True))
+    S = exact()
     for i, (z, a, data) in enumerate(rows):
-        Ci, Si = cond.certify(z[None], tuple(t[None] for t in a), [data[0]] + [d[None] for d in data[1:]],
-                              (False, True, True, True, True, True))
+        Ci, Li, exact_i = cond.certify(z[None], tuple(t[None] for t in a), [data[0]] + [d[None] for d in data[1:]],
+                                       (False, True, True, True, True, True))
         np.testing.assert_allclose(C[i], Ci[0], rtol=0, atol=1e-12)
-        np.testing.assert_allclose(S[i], Si[0], rtol=1e-14)
-    assert C.shape == S.shape == (3, sum(cond.certificate_blocks())) and np.abs(C[:, :n]).min() > 1e-6
+        np.testing.assert_allclose(L[i], Li[0], rtol=1e-14)
+        np.testing.assert_allclose(S[i], exact_i()[0], rtol=1e-14)
+    assert C.shape == S.shape == L.shape == (3, sum(cond.certificate_blocks())) and np.abs(C[:, :n]).min() > 1e-6
+    # The sizes handed first are a bound from below (what passes against them passes the exact test), and a
+    # real one: the stationarity and active rows' bounds are nonzero.
+    assert np.all(L <= S * (1 + 1e-14)) and np.all(L[:, :n] > 0)
     assert np.all(S[:, :n] > 0)  # stationarity terms are never empty here: a zero would make any residual fail
+
+
+def test_term_sizes_from_below_ask_for_the_exact_ones_only_when_they_do_not_suffice():
+    # A certificate of 1e-6 against sizes from below of 0 cannot pass on the bound: the exact sizes (1) are
+    # asked for and pass it; against a bound of 1 the exact sizes are never computed; and a certificate the
+    # exact sizes refuse is refused.
+    calls = []
+
+    class Bounded(bbd.Root):
+        def __init__(self, value, low):
+            super().__init__(lambda z, w: z - z.detach())
+            self.value, self.low = value, low
+
+        def certify(self, Z, aux, params, batched):
+            C = np.full((Z.shape[0], Z.shape[1]), self.value)
+
+            def exact():
+                calls.append(1)
+                return np.ones_like(C)
+
+            return C, np.full_like(C, self.low), exact
+
+    assert float(bbd.implicit(Bounded(1e-6, 0.0))(lambda w: 2.0)(torch.tensor(4.0))) == 2.0 and len(calls) == 1
+    assert float(bbd.implicit(Bounded(1e-6, 1.0))(lambda w: 2.0)(torch.tensor(4.0))) == 2.0 and len(calls) == 1
+    with pytest.raises(bbd.CertificationError, match=re.escape("components 0 (0.001, relative 0.000997)")):
+        bbd.implicit(Bounded(1e-3, 0.0))(lambda w: 2.0)(torch.tensor(4.0))
+    assert len(calls) == 2
 
 
 def test_a_condition_s_own_batch_certify_is_what_certification_uses():

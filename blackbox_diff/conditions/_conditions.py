@@ -70,7 +70,13 @@ class AbstractCondition(abc.ABC):
         Z is (B, n) (the flattened unknowns), each aux tensor has a leading batch dimension, and params[i] has
         one where batched[i]. Certification then costs no torch operations and no vmap: for a backend whose
         condition is a few products of its data (a QP), or whose solver already evaluated everything at the
-        answer (CasADi's polish), this is a small fraction of a backward. Not overridden: the engine evaluates
+        answer (CasADi's polish), this is a small fraction of a backward.
+
+        It may return a third element: then the second is the term sizes from below (e.g. the magnitudes of
+        the partial sums each component is made of, free once the certificate is computed) and the third a
+        function returning the exact ones, which certification calls only when the certificate does not pass
+        against the bound (a bound from below only makes the test stricter: what passes against it passes).
+        Not overridden, or returning None (a kind of problem it does not cover): the engine evaluates
         `certificate` and `residual_scale` (or estimates the term sizes).
         """
         raise NotImplementedError  # never called: the engine checks whether a subclass overrides it

@@ -120,9 +120,11 @@ class QPCondition(AbstractCondition):
         n, pe, m = self.n, self.p, self.m
         return (n, pe, m, pe, m, m)
 
-    def certify(self, Z: torch.Tensor, aux: tuple, params: list, batched: tuple[bool, ...]) -> tuple[np.ndarray, ...]:
-        """(certificate, term sizes) of a whole batch, in numpy: a few batched products of the data, a small
-        fraction of a backward (the torch certificate cost more than the backward itself).
+    def certify(self, Z: torch.Tensor, aux: tuple, params: list, batched: tuple[bool, ...]) -> tuple:
+        """(certificate, term sizes from below, exact term sizes) of a whole batch, in numpy: a few batched
+        products of the data, a small fraction of a backward (the torch certificate cost more than the
+        backward itself). The exact sizes (products with |Q| and |[A; G]|) are computed only for a batch
+        that does not pass against the sizes from below.
 
         The certificate: F, the feasibility of dropped equalities and of inactive rows, the signs of active
         multipliers. The size of each component's terms: |Q||x| + |p| + |A^T||nu| + |G^T||lam| for
@@ -141,19 +143,29 @@ class QPCondition(AbstractCondition):
         # The constraint rows stacked (equalities, then inequalities): one product each way, for F and terms.
         H, rhs = np.concatenate([full(A), full(G)], axis=1), np.concatenate([full(b), full(h)], axis=1)
         on = np.concatenate([kept, active], axis=1)
-        off, Ha, ax, Qa = 1.0 - on, np.abs(H), np.abs(x), np.abs(Q)
-        r, held = _mv(H, x) - rhs, on * y
+        off, held = 1.0 - on, on * y
         # The gradient of 1/2 x^T Q x is 1/2 (Q + Q^T) x: terms 1/2 Q_ij x_j and 1/2 Q_ji x_j.
-        stat = 0.5 * (_mv(Qa, ax) + _vm(ax, Qa)) + np.abs(p) + _vm(np.abs(held), Ha)
-        row_terms = _mv(Ha, ax) + np.abs(rhs)
+        Qx, Hx, Hy = 0.5 * (_mv(Q, x) + _vm(x, Q)), _mv(H, x), _vm(held, H)
+        r = Hx - rhs
         # A dropped equality must hold both ways (|r|), an inactive inequality one way (max(r, 0)).
         feasibility = np.concatenate([r[:, :pe], np.maximum(r[:, pe:], 0.0)], axis=1)
-        certificate = np.concatenate([0.5 * (_mv(Q, x) + _vm(x, Q)) + p + _vm(held, H), on * r + off * y,
-                                      off * feasibility, active * np.maximum(-lam, 0.0)], axis=1)
-        # A multiplier error d on row i moves stationarity by |G_i| d: it matters beside terms of size stat.
-        dual = stat.max(axis=1, keepdims=True, initial=0.0) / np.maximum(Ha[:, pe:].max(axis=2, initial=0.0), _TINY)
-        scale = np.concatenate([stat, on * row_terms + off * np.abs(y), row_terms, dual + np.abs(lam)], axis=1)
-        return certificate, scale
+        certificate = np.concatenate([Qx + p + Hy, on * r + off * y, off * feasibility,
+                                      active * np.maximum(-lam, 0.0)], axis=1)
+        # From below, free: each component's partial sums are sums of some of its terms (pinned multipliers,
+        # feasibility and signs vanish at a solution: 0 from below).
+        lower = np.concatenate([np.abs(Qx) + np.abs(p) + np.abs(Hy), on * (np.abs(Hx) + np.abs(rhs)),
+                                np.zeros_like(certificate[:, n + pe + len(lam[0]) :])], axis=1)
+
+        def exact() -> np.ndarray:
+            Ha, ax, Qa = np.abs(H), np.abs(x), np.abs(Q)
+            stat = 0.5 * (_mv(Qa, ax) + _vm(ax, Qa)) + np.abs(p) + _vm(np.abs(held), Ha)
+            row_terms = _mv(Ha, ax) + np.abs(rhs)
+            # A multiplier error d on row i moves stationarity by |G_i| d: it matters beside terms of size stat.
+            widest = np.maximum(Ha[:, pe:].max(axis=2, initial=0.0), _TINY)
+            dual = stat.max(axis=1, keepdims=True, initial=0.0) / widest
+            return np.concatenate([stat, on * row_terms + off * np.abs(y), row_terms, dual + np.abs(lam)], axis=1)
+
+        return certificate, lower, exact
 
     # --- answer -> unknowns -> outputs ------------------------------------------------------------
     def prepare(self, solution: Any, params: tuple, options: Any) -> tuple[torch.Tensor, tuple]:
