@@ -702,7 +702,9 @@ def test_numpy_batch_certificate_is_the_torch_certificate(case, batch):
     Z = torch.stack([r[0] for r in rows])
     aux = tuple(torch.stack([r[1][k] for r in rows]) for k in range(len(rows[0][1])))
     params_b = [raw[k] if shared[k] else torch.stack([r[2][k] for r in rows]) for k in range(len(raw))]
-    C, S = condition.certify(Z, aux, params_b, tuple(not s for s in shared))
+    C, L, exact = condition.certify(Z, aux, params_b, tuple(not s for s in shared))
+    S = exact()
+    assert np.all(L <= S * (1 + 1e-14)) and np.all(L[:, : condition.program.n] > 0)  # a real bound from below
     for i, (z, a, inst) in enumerate(rows):
         torch.testing.assert_close(torch.as_tensor(C[i]), condition.certificate(z, *a, *inst), atol=1e-12, rtol=0)
         torch.testing.assert_close(torch.as_tensor(S[i]), condition.residual_scale(z, *a, *inst), atol=0, rtol=1e-12)

@@ -313,10 +313,11 @@ class ConeCondition(AbstractCondition):
         return torch.cat([stat, polyhedral, rows[start:] + s_cone.abs(), rows[:start], dual + w[z0:start].abs()])
 
     def certify(self, Z: torch.Tensor, aux: tuple, params: list, batched: tuple[bool, ...]):
-        """`certificate` and `residual_scale` of a whole batch in numpy, for polyhedral programs (zero and
-        non-negative cones: every QP and LP) with DPP data: the data from theta by one sparse product per map
-        for the batch, then a few batched products. Other programs: None (the torch certificate, whose cone
-        projections this does not repeat)."""
+        """`certificate`, term sizes from below and a function for `residual_scale`, of a whole batch in numpy,
+        for polyhedral programs (zero and non-negative cones: every QP and LP) with DPP data: the data from
+        theta by one sparse product for the batch, then a few batched products (those with |A| and |P| only
+        when the bound does not suffice). Other programs: None (the torch certificate, whose cone projections
+        this does not repeat)."""
         program = self.program
         cones = program.cones
         if cones.nonlinear or self.linearization:
@@ -328,24 +329,34 @@ class ConeCondition(AbstractCondition):
         c, b, a_vals, p_vals = program.data_values(theta)
         A = np.zeros((B, m, n))
         A[:, program.A_rows, program.A_cols] = a_vals
-        x, w = z[:, :n], z[:, n:]
-        y = active * w
-        Aa, ax = np.abs(A), np.abs(x)
-        stat_value = _vm(y, A) + c
-        stat = _vm(np.abs(y), Aa) + np.abs(c)
+        P = None
         if program.P_map is not None:
             P = np.zeros((B, n, n))
             P[:, program.P_rows, program.P_cols] = p_vals
-            stat_value, stat = stat_value + _mv(P, x), stat + _mv(np.abs(P), ax)
-        r = _mv(A, x) - b
-        rows = _mv(Aa, ax) + np.abs(b)
+        x, w = z[:, :n], z[:, n:]
+        y = active * w
+        Ay, Ax = _vm(y, A), _mv(A, x)
+        Px = _mv(P, x) if P is not None else np.zeros_like(x)
+        r = Ax - b
         off, a = 1.0 - active, active[:, z0:]
-        certificate = np.concatenate([stat_value, active * r + off * w, off[:, :z0] * r[:, :z0],
+        certificate = np.concatenate([Ay + c + Px, active * r + off * w, off[:, :z0] * r[:, :z0],
                                       (1.0 - a) * np.maximum(r[:, z0:], 0.0), a * np.maximum(-w[:, z0:], 0.0)],
                                      axis=1)
-        dual = stat.max(axis=1, keepdims=True, initial=0.0) / np.maximum(Aa[:, z0:].sum(axis=2), _TINY)
-        scale = np.concatenate([stat, active * rows + off * np.abs(w), rows, dual + np.abs(w[:, z0:])], axis=1)
-        return certificate, scale
+        # From below, free: each component's partial sums are sums of some of its terms (pinned multipliers,
+        # feasibility and signs vanish at a solution: 0 from below).
+        lower = np.concatenate([np.abs(Ay) + np.abs(c) + np.abs(Px), active * (np.abs(Ax) + np.abs(b)),
+                                np.zeros_like(certificate[:, n + m :])], axis=1)
+
+        def exact() -> np.ndarray:
+            Aa, ax = np.abs(A), np.abs(x)
+            stat = _vm(np.abs(y), Aa) + np.abs(c)
+            if P is not None:
+                stat = stat + _mv(np.abs(P), ax)
+            rows = _mv(Aa, ax) + np.abs(b)
+            dual = stat.max(axis=1, keepdims=True, initial=0.0) / np.maximum(Aa[:, z0:].sum(axis=2), _TINY)
+            return np.concatenate([stat, active * rows + off * np.abs(w), rows, dual + np.abs(w[:, z0:])], axis=1)
+
+        return certificate, lower, exact
 
     def jacobian(self, z: torch.Tensor, active: torch.Tensor, data: tuple) -> torch.Tensor:
         """dF/dz assembled from the data: [[P, A^T Dy], [rows of A, Ds]] (dense, one instance)."""
