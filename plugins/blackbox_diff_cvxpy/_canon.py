@@ -191,6 +191,24 @@ class ConeProgram:
         parts = np.split((stacked[0] @ theta).T, stacked[1], axis=1)
         return (*parts, None) if self.P_map is None else tuple(parts)
 
+    def dense_batch(self, values: np.ndarray, which: str) -> np.ndarray:
+        """A batch of dense A (or P, `which`) from their values on the pattern (B, nnz): a view of the values
+        when the pattern is the whole matrix column by column (dense parameters: no scatter), else scattered."""
+        rows, cols, shape = ((self.A_rows, self.A_cols, (self.m, self.n)) if which == "A"
+                             else (self.P_rows, self.P_cols, (self.n, self.n)))
+        key = f"_{which}_column_major"
+        whole = getattr(self, key, None)
+        if whole is None:
+            whole = rows.size == shape[0] * shape[1] and bool(np.array_equal(cols * shape[0] + rows,
+                                                                              np.arange(rows.size)))
+            setattr(self, key, whole)
+        B = values.shape[0]
+        if whole:
+            return values.reshape(B, shape[1], shape[0]).swapaxes(1, 2)
+        out = np.zeros((B, *shape))
+        out[:, rows, cols] = values
+        return out
+
     def dense(self, P, c, A, b) -> tuple[np.ndarray | None, np.ndarray, np.ndarray, np.ndarray]:
         """Dense (full P, c, A, b) from `data`'s output (P given as its upper triangle)."""
         A_d = A.toarray()

@@ -327,12 +327,8 @@ class ConeCondition(AbstractCondition):
         values = [float64_numpy(t) if b else float64_numpy(t)[None] for t, b in zip(params, batched, strict=True)]
         theta = theta_batch(program.pieces, program.n_theta, values, B).T  # (n_theta + 1, B)
         c, b, a_vals, p_vals = program.data_values(theta)
-        A = np.zeros((B, m, n))
-        A[:, program.A_rows, program.A_cols] = a_vals
-        P = None
-        if program.P_map is not None:
-            P = np.zeros((B, n, n))
-            P[:, program.P_rows, program.P_cols] = p_vals
+        A = program.dense_batch(a_vals, "A")
+        P = None if p_vals is None else program.dense_batch(p_vals, "P")
         x, w = z[:, :n], z[:, n:]
         y = active * w
         Ay, Ax = _vm(y, A), _mv(A, x)
