@@ -137,8 +137,11 @@ class CasadiKKT(AbstractCondition):
     def certify(self, Z: torch.Tensor, aux: tuple, params: list, batched: tuple[bool, ...]) -> tuple[np.ndarray, ...]:
         """(certificate, term sizes) of a batch, in numpy, instance by instance (`certify_one`)."""
         Zn, lo, up = (float64_numpy(t) for t in (Z, *aux))
-        out = [self.certify_one(Zn[i], lo[i], up[i], _flat_params(tuple(t[i] if b else t for t, b in zip(
-            params, batched, strict=True)))) for i in range(Zn.shape[0])]
+        shared = None if any(batched) else _flat_params(tuple(params))  # the same parameters for every row
+        out = [self.certify_one(Zn[i], lo[i], up[i], shared if shared is not None else _flat_params(tuple(
+            t[i] if b else t for t, b in zip(params, batched, strict=True)))) for i in range(Zn.shape[0])]
+        if len(out) == 1:
+            return out[0][0][None], out[0][1][None]
         return np.stack([c for c, _ in out]), np.stack([s for _, s in out])
 
     def certify_one(self, z: np.ndarray, lo: np.ndarray, up: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, ...]:
