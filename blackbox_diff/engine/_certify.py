@@ -7,7 +7,8 @@ changing the units of z leaves the test unchanged; a global ``1 + max|z|`` would
 
 The term sizes are estimated with a few Rademacher probes, ``sqrt(mean_r ((J (z o r) + K (p o s))_i^2))``
 = ``||(J_ij z_j)_j, (K_ik p_k)_k||_2`` in expectation, by double VJPs; a condition may give exact ones
-(`AbstractCondition.residual_scale`). A floor of
+(`AbstractCondition.residual_scale`), or state certificate and term sizes for a whole batch in numpy
+(`AbstractCondition.certify`, the backends' conditions: no torch operation per call). A floor of
 sqrt(tol) times the largest term judges components whose terms all vanish (a root at 0, data that are 0
 there) at an absolute level set by the rest of the instance: accurate answers with entries at round-off
 around 0 pass, and a large unknown elsewhere loosens the others by sqrt(tol) only (x2 off by 10% beside an
