@@ -8,7 +8,9 @@ active set; these functions are what they share, public so that a third-party ba
 * `recover_multipliers` finds multipliers from stationarity when a black box returns x only;
 * `active_set_variants` lists the admissible one-sided active sets of a degenerate point (dependent active
   rows, weakly active rows, redundant equalities), each a regular system, for a `Degeneracy`;
-* `warn_weakly_active` is the one warning for weakly active constraints where no comparison is made.
+* `warn_weakly_active` is the one warning for weakly active constraints where no comparison is made;
+* `polyhedral_certificate` and `polyhedral_term_sizes` certify a batch of QP/LP answers stated on their
+  active sets (numpy; one compiled loop where numba is installed).
 
 Everything works on dense Jacobians of one instance: ``grad_f`` (n,), ``jh`` (p, n), ``jg`` (m, n), with
 the Lagrangian L = f + nu^T h + lam^T g, g <= 0, lam >= 0.
@@ -22,11 +24,15 @@ import warnings
 import numpy as np
 import torch
 
+from blackbox_diff.linalg import polyhedral_certificate, polyhedral_term_sizes
+
 __all__ = [
     "ActiveSetVariants",
     "active_set_variants",
     "classify",
     "independent_rows",
+    "polyhedral_certificate",
+    "polyhedral_term_sizes",
     "rank",
     "recover_multipliers",
     "warn_weakly_active",

@@ -679,14 +679,31 @@ def _lp_quadratic_param():
                                       np.array(0.7)]
 
 
-@pytest.mark.parametrize("case", ["qp", "lp+param quadratic"])
-@pytest.mark.parametrize("batch", [1, 3])
-def test_numpy_batch_certificate_is_the_torch_certificate(case, batch):
-    # Certification of polyhedral programs runs on the condition's numpy `certify` (data rebuilt from theta);
-    # it must be the torch certificate and term sizes exactly, row for row, shared parameters broadcast.
-    from blackbox_diff import ImplicitOptions
+def _symmetric_param():
+    """A QP with a symmetric matrix parameter (cvxpy stores its upper triangle: a lowered block of theta)."""
+    x = cp.Variable(3)
+    c, S, h = cp.Parameter(3), cp.Parameter((3, 3), symmetric=True), cp.Parameter(3)
+    problem = cp.Problem(cp.Minimize(cp.sum_squares(x) + c @ x), [S @ x <= h, cp.sum(x) == 0.2])
+    rng = np.random.default_rng(9)
+    M = rng.standard_normal((3, 3))
+    return problem, [c, S, h], x, [rng.standard_normal(3), M + M.T, rng.uniform(0.1, 0.5, 3)]
 
-    problem, params, x, values = _qp(seed=7) if case == "qp" else _lp_quadratic_param()
+
+@pytest.mark.parametrize("path", ["compiled", "numpy"])
+@pytest.mark.parametrize("case", ["qp", "lp+param quadratic", "symmetric parameter"])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_numpy_batch_certificate_is_the_torch_certificate(case, batch, path):
+    # Certification of polyhedral programs runs on the condition's numpy `certify`: one compiled pass over
+    # the data maps (dense loops for the dense "qp" data, the pattern for the others, a lowered block of
+    # theta for the symmetric parameter), or the data rebuilt from theta in numpy. Either must be the torch
+    # certificate and term sizes exactly, row for row, shared parameters broadcast.
+    from blackbox_diff import ImplicitOptions
+    from blackbox_diff.plugin import use_kernels
+
+    if path == "compiled":
+        pytest.importorskip("numba")  # the `fast` extra; CI installs it
+    problem, params, x, values = {"qp": lambda: _qp(seed=7), "lp+param quadratic": _lp_quadratic_param,
+                                  "symmetric parameter": _symmetric_param}[case]()
     compiled = bbd.layer(problem, parameters=params, variables=[x]).compiled
     condition = compiled.condition
     rng = np.random.default_rng(1)
@@ -702,7 +719,11 @@ def test_numpy_batch_certificate_is_the_torch_certificate(case, batch):
     Z = torch.stack([r[0] for r in rows])
     aux = tuple(torch.stack([r[1][k] for r in rows]) for k in range(len(rows[0][1])))
     params_b = [raw[k] if shared[k] else torch.stack([r[2][k] for r in rows]) for k in range(len(raw))]
-    C, L, exact = condition.certify(Z, aux, params_b, tuple(not s for s in shared))
+    previous = use_kernels(path == "compiled")
+    try:
+        C, L, exact = condition.certify(Z, aux, params_b, tuple(not s for s in shared))
+    finally:
+        use_kernels(previous)
     S = exact()
     assert np.all(L <= S * (1 + 1e-14)) and np.all(L[:, : condition.program.n] > 0)  # a real bound from below
     for i, (z, a, inst) in enumerate(rows):

@@ -143,11 +143,12 @@ class Call(abc.ABC):
         for _ in range(2):  # a second pass only when certification removed instances
             if not bool(ok.any()):
                 break
-            R = self._evaluate(system, Z, params, ok)
+            full = bool(ok.all())
+            R = self._evaluate(system, Z, params, ok, full)
             if R is None:
                 ok[:] = False
                 break
-            passed = self._certify(system, Z, params, ok, R)
+            passed = self._certify(system, Z, params, ok, R, full)
             if passed is None or bool(passed.all()):
                 self.linearization = self._pending
                 idx = torch.nonzero(ok).flatten()
@@ -238,11 +239,11 @@ class Call(abc.ABC):
                 warnings.warn(msg, RuntimeWarning, stacklevel=6)
         return Z
 
-    def _evaluate(self, system: System, Z, params, ok) -> torch.Tensor | None:
-        """F at the answers of the ok rows (detached); None when it cannot be evaluated there (the instances
-        then failed). When a backward may follow, F's graph on detached leaves is kept for it."""
+    def _evaluate(self, system: System, Z, params, ok, full: bool) -> torch.Tensor | None:
+        """F at the answers of the ok rows (detached; `full`: every row is ok); None when it cannot be
+        evaluated there (the instances then failed). When a backward may follow, F's graph on detached
+        leaves is kept for it."""
         idx = torch.nonzero(ok).flatten()
-        full = bool(ok.all())
         sub = system if full else system.rows(idx)
         Zs = (Z if full else Z[idx]).detach()
         Ps = [p.detach() for p in (list(params) if full else sub.params_rows(params, idx))]
@@ -290,9 +291,9 @@ class Call(abc.ABC):
         shape = getattr(self, "shape", None)
         return f"shape {tuple(shape)}" if shape is not None else "its unknowns"
 
-    def _certify(self, system: System, Z, params, ok, R: torch.Tensor) -> torch.Tensor | None:
-        """Per ok row: does the answer satisfy the condition? None: every ok row does. Failing rows go
-        through `fail`."""
+    def _certify(self, system: System, Z, params, ok, R: torch.Tensor, full: bool) -> torch.Tensor | None:
+        """Per ok row (`full`: every row is ok): does the answer satisfy the condition? None: every ok row
+        does. Failing rows go through `fail`."""
         if R.shape[1] != Z.shape[1]:
             raise InputError(
                 f"The {self.describe} residual has {R.shape[1]} entries but z has {Z.shape[1]}; the implicit "
@@ -302,11 +303,10 @@ class Call(abc.ABC):
         if tol is None:
             return None
         tol = effective_tolerance(tol, Z.dtype)
-        full = bool(ok.all())
         rows = torch.nonzero(ok).flatten() if not full else None
         sub = system if full else system.rows(rows)
         Zs = (Z if full else Z[rows]).detach()
-        Ps = [p.detach() for p in (list(params) if full else sub.params_rows(params, rows))]
+        Ps = [p.detach() if p.requires_grad else p for p in (params if full else sub.params_rows(params, rows))]
         C, scale, exact = self._certificate(sub, Zs, Ps, R)
         if passes(C, scale, tol):  # within tol of its own terms without the floor: nothing more to test
             return None

@@ -18,27 +18,39 @@ raise because an instance failed; choosing a solver, escalating and regularising
 
 `materialize` turns a ``matvec`` into dense matrices for the two direct solvers; `make_solution` builds a
 `LinearSolution` from a solution and its true residual (for solvers written outside this package).
+
+Besides, in numpy, for the answer checks that run after every forward: `Kernel` (a loop compiled by numba
+when it is installed, the ``fast`` extra; `use_kernels` switches kernels off) and the batched certificate
+of polyhedral KKT answers (`polyhedral_certificate`, `polyhedral_term_sizes`: every QP and LP).
 """
 
 from ._bicgstab import bicgstab
 from ._cg import cg
 from ._dense import dense_solve, lstsq_solve, materialize
 from ._gmres import gmres
+from ._kernels import KERNELS_ENV, Kernel, kernels_enabled, use_kernels
 from ._krylov import Matvec
 from ._minres import minres
 from ._neumann import neumann
+from ._polyhedral import polyhedral_certificate, polyhedral_term_sizes
 from ._result import LinearSolution, make_solution
 
 __all__ = [
+    "KERNELS_ENV",
+    "Kernel",
     "LinearSolution",
     "Matvec",
     "bicgstab",
     "cg",
     "dense_solve",
     "gmres",
+    "kernels_enabled",
     "lstsq_solve",
     "make_solution",
     "materialize",
     "minres",
     "neumann",
+    "polyhedral_certificate",
+    "polyhedral_term_sizes",
+    "use_kernels",
 ]

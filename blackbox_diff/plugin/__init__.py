@@ -7,7 +7,8 @@ A backend subclasses `AbstractBackend` (with its own `BackendOptions` model), co
 backends; `blackbox_diff.testing` checks a backend against the contract; `blackbox_diff.kkt` holds the
 active-set tools of KKT-based backends. A condition's ``prepare`` turns the black box's answer into
 tensors of the parameters' dtype and device with `answer_dtype_device` and `owned_tensor`; a numpy
-``certify`` reads tensors with `float64_numpy`.
+``certify`` reads tensors with `float64_numpy`, and may run its loops compiled with `Kernel` (numba, when
+installed: the ``fast`` extra; `use_kernels` switches kernels off, e.g. to test the numpy path).
 
 The built-in backends (``plugins/blackbox_diff_*``) import nothing else from blackbox_diff than these
 public names, so a third-party backend can do whatever they do.
@@ -16,6 +17,7 @@ public names, so a third-party backend can do whatever they do.
 from __future__ import annotations
 
 from blackbox_diff.engine import answer_dtype_device, float64_numpy, owned_tensor
+from blackbox_diff.linalg import KERNELS_ENV, Kernel, kernels_enabled, use_kernels
 from blackbox_diff.plugin._backend import AbstractBackend, BackendOptions, Compiled, parse_shapes
 from blackbox_diff.plugin._hookspecs import PROJECT_NAME, hookimpl
 from blackbox_diff.plugin._registry import (
@@ -38,10 +40,12 @@ ENTRY_POINT_GROUP = PROJECT_NAME
 __all__ = [
     "DISABLE_ENV",
     "ENTRY_POINT_GROUP",
+    "KERNELS_ENV",
     "AbstractBackend",
     "BackendInfo",
     "BackendOptions",
     "Compiled",
+    "Kernel",
     "PluginFailure",
     "PluginManager",
     "answer_dtype_device",
@@ -50,10 +54,12 @@ __all__ = [
     "float64_numpy",
     "get_backend",
     "hookimpl",
+    "kernels_enabled",
     "owned_tensor",
     "parse_shapes",
     "plugin_errors",
     "plugin_manager",
     "registered",
     "reload_plugins",
+    "use_kernels",
 ]

@@ -22,6 +22,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
+from ._certify import SparseCertificate
 from ._theta import ThetaPiece
 
 __all__ = ["AffineMap", "ConeLayout", "ConeProgram", "build_program"]
@@ -186,10 +187,20 @@ class ConeProgram:
         stacked = getattr(self, "_stacked_maps", None)
         if stacked is None:
             maps = [self.c_map, self.b_map, self.A_map] + ([self.P_map] if self.P_map is not None else [])
-            stacked = (sp.csr_array(sp.vstack([mp.matrix for mp in maps])), np.cumsum([mp.size for mp in maps])[:-1])
+            ends = np.cumsum([mp.size for mp in maps]).tolist()
+            bounds = list(zip([0, *ends[:-1]], ends, strict=True))
+            stacked = (sp.csr_array(sp.vstack([mp.matrix for mp in maps])), bounds)
             self._stacked_maps = stacked
-        parts = np.split((stacked[0] @ theta).T, stacked[1], axis=1)
-        return (*parts, None) if self.P_map is None else tuple(parts)
+        product = stacked[0] @ theta
+        parts = tuple(product[start:end].T for start, end in stacked[1])
+        return (*parts, None) if self.P_map is None else parts
+
+    def sparse_certificate(self) -> SparseCertificate:
+        """The compiled certificate of this program's answers (`_certify`), built once."""
+        cached = getattr(self, "_sparse_certificate", None)
+        if cached is None:
+            cached = self._sparse_certificate = SparseCertificate(self)
+        return cached
 
     def dense_batch(self, values: np.ndarray, which: str) -> np.ndarray:
         """A batch of dense A (or P, `which`) from their values on the pattern (B, nnz): a view of the values
@@ -311,3 +322,4 @@ def build_program(param_prob: Any, solver_instance: Any, pieces: list[ThetaPiece
         n=n, m=m, c_map=c_map, A_map=A_map, A_rows=A_rows, A_cols=A_cols, b_map=b_map, P_map=P_map,
         P_rows=P_rows, P_cols=P_cols, cones=layout, n_theta=int(param_prob.total_param_size), pieces=pieces,
     )
+

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from blackbox_diff import AbstractCondition
-from blackbox_diff.kkt import classify
+from blackbox_diff.kkt import classify, polyhedral_certificate, polyhedral_term_sizes
 from blackbox_diff.plugin import answer_dtype_device, float64_numpy
 
 from ._canon import ConeLayout
@@ -39,22 +39,9 @@ from ._degenerate import REGULAR, SINGULAR, UNCHECKED, WEAK, cone_degeneracy
 from ._expcone import exp_jacobian, project_exp
 from ._powcone import project_pow
 from ._refine import polyhedral_refine, regular_lu
-from ._theta import theta_batch, theta_tangent, theta_torch
+from ._theta import theta_columns, theta_tangent, theta_torch
 
 __all__ = ["ConeCondition", "project_psd", "project_soc"]
-
-
-_TINY = float(np.finfo(np.float64).tiny)
-
-
-def _mv(M: np.ndarray, v: np.ndarray) -> np.ndarray:
-    """Batched M v."""
-    return (M @ v[..., None])[..., 0]
-
-
-def _vm(v: np.ndarray, M: np.ndarray) -> np.ndarray:
-    """Batched v^T M."""
-    return (v[..., None, :] @ M)[..., 0, :]
 
 
 def project_soc(v: torch.Tensor) -> torch.Tensor:
@@ -315,44 +302,28 @@ class ConeCondition(AbstractCondition):
     def certify(self, Z: torch.Tensor, aux: tuple, params: list, batched: tuple[bool, ...]):
         """`certificate`, term sizes from below and a function for `residual_scale`, of a whole batch in numpy,
         for polyhedral programs (zero and non-negative cones: every QP and LP) with DPP data: the data from
-        theta by one sparse product for the batch, then a few batched products (those with |A| and |P| only
-        when the bound does not suffice). Other programs: None (the torch certificate, whose cone projections
-        this does not repeat)."""
+        parameters in one compiled pass over the data maps where numba is installed (`_certify`), else the
+        data from theta by one sparse product for the batch and `blackbox_diff.kkt.polyhedral_certificate`
+        (the exact sizes, products with |A| and |P|, only when the bound does not suffice). Other programs:
+        None (the torch certificate, whose cone projections this does not repeat)."""
         program = self.program
         cones = program.cones
         if cones.nonlinear or self.linearization:
             return None
-        B, n, m, z0 = Z.shape[0], program.n, program.m, cones.zero
+        B, z0 = Z.shape[0], cones.zero
         z, active = float64_numpy(Z), float64_numpy(aux[0])
         values = [float64_numpy(t) if b else float64_numpy(t)[None] for t, b in zip(params, batched, strict=True)]
-        theta = theta_batch(program.pieces, program.n_theta, values, B).T  # (n_theta + 1, B)
-        c, b, a_vals, p_vals = program.data_values(theta)
-        A = program.dense_batch(a_vals, "A")
-        P = None if p_vals is None else program.dense_batch(p_vals, "P")
-        x, w = z[:, :n], z[:, n:]
-        y = active * w
-        Ay, Ax = _vm(y, A), _mv(A, x)
-        Px = _mv(P, x) if P is not None else np.zeros_like(x)
-        r = Ax - b
-        off, a = 1.0 - active, active[:, z0:]
-        certificate = np.concatenate([Ay + c + Px, active * r + off * w, off[:, :z0] * r[:, :z0],
-                                      (1.0 - a) * np.maximum(r[:, z0:], 0.0), a * np.maximum(-w[:, z0:], 0.0)],
-                                     axis=1)
-        # From below, free: each component's partial sums are sums of some of its terms (pinned multipliers,
-        # feasibility and signs vanish at a solution: 0 from below).
-        lower = np.concatenate([np.abs(Ay) + np.abs(c) + np.abs(Px), active * (np.abs(Ax) + np.abs(b)),
-                                np.zeros_like(certificate[:, n + m :])], axis=1)
 
-        def exact() -> np.ndarray:
-            Aa, ax = np.abs(A), np.abs(x)
-            stat = _vm(np.abs(y), Aa) + np.abs(c)
-            if P is not None:
-                stat = stat + _mv(np.abs(P), ax)
-            rows = _mv(Aa, ax) + np.abs(b)
-            dual = stat.max(axis=1, keepdims=True, initial=0.0) / np.maximum(Aa[:, z0:].sum(axis=2), _TINY)
-            return np.concatenate([stat, active * rows + off * np.abs(w), rows, dual + np.abs(w[:, z0:])], axis=1)
+        def dense() -> tuple:
+            c, b, a_vals, p_vals = program.data_values(theta_columns(program.pieces, program.n_theta, values, B))
+            A = program.dense_batch(a_vals, "A")
+            P = None if p_vals is None else program.dense_batch(p_vals, "P")
+            return z, active[:, :z0], active[:, z0:], P, c, A[:, :z0], b[:, :z0], A[:, z0:], b[:, z0:]
 
-        return certificate, lower, exact
+        stated = program.sparse_certificate()(z, active, values)  # one compiled pass; None without numba
+        if stated is None:
+            stated = polyhedral_certificate(*dense())
+        return (*stated, lambda: polyhedral_term_sizes(*dense()))
 
     def jacobian(self, z: torch.Tensor, active: torch.Tensor, data: tuple) -> torch.Tensor:
         """dF/dz assembled from the data: [[P, A^T Dy], [rows of A, Ds]] (dense, one instance)."""

@@ -33,9 +33,11 @@ def cone_degeneracy(cond: Any, z: torch.Tensor, aux: tuple, params: tuple, optio
     """A `Degeneracy` for an answer the forward did not verify regular; None when the toolkit finds it
     regular (or the program has no polyhedral rows)."""
     status = aux[3].item()
+    if status == REGULAR:  # the usual case, decided first: this runs after every instance's solve
+        return None
     cones = cond.program.cones
     z0, start = cones.zero, cones.conic_start
-    if status == REGULAR or start == 0:
+    if start == 0:
         return None
     active, _, _, extra, prm = cond._unpack(tuple(aux) + tuple(params))
     with torch.no_grad():

@@ -16,13 +16,14 @@ The same blocks are written with numpy (the black box) and with torch (the resid
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import numpy as np
 import torch
 
-__all__ = ["ThetaPiece", "build_pieces", "sequential_pieces", "theta_batch", "theta_numpy", "theta_tangent",
-           "theta_torch"]
+__all__ = ["ThetaPiece", "build_pieces", "sequential_pieces", "theta_batch", "theta_columns", "theta_numpy",
+           "theta_tangent", "theta_torch"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,7 +48,7 @@ class ThetaPiece:
 
     @property
     def size(self) -> int:
-        return int(np.prod(self.shape, dtype=int)) if self.gather is None else int(self.gather.size)
+        return math.prod(self.shape) if self.gather is None else int(self.gather.size)
 
     def numpy(self, values: np.ndarray) -> np.ndarray:
         """The piece's entries of theta (B, size) from a batch of the parameter's values (B, *shape)."""
@@ -125,15 +126,28 @@ def sequential_pieces(parameters: list) -> list[ThetaPiece]:
 
 def theta_numpy(pieces: list[ThetaPiece], n_theta: int, params: list[np.ndarray]) -> np.ndarray:
     """theta (n_theta + 1: the constant 1 last) for one instance, from numpy parameter values."""
-    return theta_batch(pieces, n_theta, [np.asarray(v)[None] for v in params], 1)[0]
+    return theta_columns(pieces, n_theta, [np.asarray(v, dtype=np.float64)[None] for v in params], 1)[:, 0]
 
 
 def theta_batch(pieces: list[ThetaPiece], n_theta: int, params: list[np.ndarray], B: int) -> np.ndarray:
-    """theta (B, n_theta + 1) for a batch: params[i] has a leading batch dimension of B or 1 (shared)."""
-    theta = np.zeros((B, n_theta + 1))
+    """theta (B, n_theta + 1) for a batch: params[i] has a leading batch dimension of B or 1 (shared). The
+    transpose of `theta_columns` (a view)."""
+    return theta_columns(pieces, n_theta, params, B).T
+
+
+def theta_columns(pieces: list[ThetaPiece], n_theta: int, params: list[np.ndarray], B: int) -> np.ndarray:
+    """theta as columns (n_theta + 1, B), C-contiguous: what the data maps multiply. A plain piece is written
+    in place: its block, seen as (*reversed(shape), B), is the values with every axis reversed (Fortran order
+    per instance), so no flattened copy is made."""
+    theta = np.empty((n_theta + 1, B))
     for piece in pieces:
-        theta[:, piece.offset : piece.offset + piece.size] = piece.numpy(params[piece.index])
-    theta[:, -1] = 1.0
+        block = theta[piece.offset : piece.offset + piece.size]
+        v = params[piece.index]
+        if piece.gather is None and not piece.symmetric and not piece.log and v.ndim == len(piece.shape) + 1:
+            block.reshape(*piece.shape[::-1], B)[...] = v.T
+        else:
+            block[...] = piece.numpy(v).T
+    theta[-1] = 1.0
     return theta
 
 

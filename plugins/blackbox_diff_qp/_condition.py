@@ -32,23 +32,12 @@ import numpy as np
 import torch
 
 from blackbox_diff import AbstractCondition, KKTSolution
+from blackbox_diff.kkt import polyhedral_certificate, polyhedral_term_sizes
 from blackbox_diff.plugin import answer_dtype_device, float64_numpy, owned_tensor
 
 from ._degenerate import REGULAR, SINGULAR, WEAK, qp_degeneracy
 
 __all__ = ["QPCondition", "REGULAR", "SINGULAR", "WEAK"]
-
-_TINY = float(np.finfo(np.float64).tiny)
-
-
-def _mv(M: np.ndarray, v: np.ndarray) -> np.ndarray:
-    """Batched M v (leading dimensions broadcast)."""
-    return (M @ v[..., None])[..., 0]
-
-
-def _vm(v: np.ndarray, M: np.ndarray) -> np.ndarray:
-    """Batched v^T M (leading dimensions broadcast)."""
-    return (v[..., None, :] @ M)[..., 0, :]
 
 
 class QPCondition(AbstractCondition):
@@ -121,51 +110,23 @@ class QPCondition(AbstractCondition):
         return (n, pe, m, pe, m, m)
 
     def certify(self, Z: torch.Tensor, aux: tuple, params: list, batched: tuple[bool, ...]) -> tuple:
-        """(certificate, term sizes from below, exact term sizes) of a whole batch, in numpy: a few batched
-        products of the data, a small fraction of a backward (the torch certificate cost more than the
-        backward itself). The exact sizes (products with |Q| and |[A; G]|) are computed only for a batch
+        """(certificate, term sizes from below, exact term sizes) of a whole batch, in numpy
+        (`blackbox_diff.kkt.polyhedral_certificate`: one compiled loop where numba is installed): a small
+        fraction of a backward. The exact sizes (products with |Q| and |[A; G]|) are computed only for a batch
         that does not pass against the sizes from below.
 
         The certificate: F, the feasibility of dropped equalities and of inactive rows, the signs of active
-        multipliers. The size of each component's terms: |Q||x| + |p| + |A^T||nu| + |G^T||lam| for
-        stationarity, |A||x| + |b| and |G||x| + |h| for constraint rows, |y| for pinned multipliers, and for
-        a multiplier's sign the size a multiplier of that row must have to matter in stationarity.
+        multipliers. The size of each component's terms: 1/2 (|Q||x| + |Q^T||x|) + |p| + |A^T||nu| + |G^T||lam|
+        for stationarity (the QP sees only Q's symmetric part), |A||x| + |b| and |G||x| + |h| for constraint
+        rows, |y| for pinned multipliers, and for a multiplier's sign the size a multiplier of that row must
+        have to matter in stationarity.
         """
-        B, n, pe = Z.shape[0], self.n, self.p
         z, active, kept = (float64_numpy(t) for t in (Z, aux[0], aux[1]))
         Q, p, G, h, A, b = (float64_numpy(t) if bt else float64_numpy(t)[None]
                             for t, bt in zip(params, batched, strict=True))
-        x, y, lam = z[:, :n], z[:, n:], z[:, n + pe :]
-
-        def full(a):
-            return a if a.shape[0] == B else np.broadcast_to(a, (B, *a.shape[1:]))
-
-        # The constraint rows stacked (equalities, then inequalities): one product each way, for F and terms.
-        H, rhs = np.concatenate([full(A), full(G)], axis=1), np.concatenate([full(b), full(h)], axis=1)
-        on = np.concatenate([kept, active], axis=1)
-        off, held = 1.0 - on, on * y
-        # The gradient of 1/2 x^T Q x is 1/2 (Q + Q^T) x: terms 1/2 Q_ij x_j and 1/2 Q_ji x_j.
-        Qx, Hx, Hy = 0.5 * (_mv(Q, x) + _vm(x, Q)), _mv(H, x), _vm(held, H)
-        r = Hx - rhs
-        # A dropped equality must hold both ways (|r|), an inactive inequality one way (max(r, 0)).
-        feasibility = np.concatenate([r[:, :pe], np.maximum(r[:, pe:], 0.0)], axis=1)
-        certificate = np.concatenate([Qx + p + Hy, on * r + off * y, off * feasibility,
-                                      active * np.maximum(-lam, 0.0)], axis=1)
-        # From below, free: each component's partial sums are sums of some of its terms (pinned multipliers,
-        # feasibility and signs vanish at a solution: 0 from below).
-        lower = np.concatenate([np.abs(Qx) + np.abs(p) + np.abs(Hy), on * (np.abs(Hx) + np.abs(rhs)),
-                                np.zeros_like(certificate[:, n + pe + len(lam[0]) :])], axis=1)
-
-        def exact() -> np.ndarray:
-            Ha, ax, Qa = np.abs(H), np.abs(x), np.abs(Q)
-            stat = 0.5 * (_mv(Qa, ax) + _vm(ax, Qa)) + np.abs(p) + _vm(np.abs(held), Ha)
-            row_terms = _mv(Ha, ax) + np.abs(rhs)
-            # A multiplier error d on row i moves stationarity by |G_i| d: it matters beside terms of size stat.
-            widest = np.maximum(Ha[:, pe:].max(axis=2, initial=0.0), _TINY)
-            dual = stat.max(axis=1, keepdims=True, initial=0.0) / widest
-            return np.concatenate([stat, on * row_terms + off * np.abs(y), row_terms, dual + np.abs(lam)], axis=1)
-
-        return certificate, lower, exact
+        data = (z, kept, active, Q, p, A, b, G, h)
+        certificate, lower = polyhedral_certificate(*data, symmetric=True)
+        return certificate, lower, lambda: polyhedral_term_sizes(*data, symmetric=True)
 
     # --- answer -> unknowns -> outputs ------------------------------------------------------------
     def prepare(self, solution: Any, params: tuple, options: Any) -> tuple[torch.Tensor, tuple]:

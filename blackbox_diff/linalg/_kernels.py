@@ -1,0 +1,78 @@
+"""Compiled loops for the answer checks: numba when it is installed (the ``fast`` extra), numpy otherwise.
+
+A check that runs after every forward (a certificate, a degeneracy screen) is a few dozen small array
+operations; in numpy each costs a microsecond or more of dispatch, which on small problems is most of the
+check. The same arithmetic as one compiled loop costs a few microseconds in all. `Kernel` wraps a function
+written with scalar loops: `compiled()` is that function compiled by numba on first use (cached on disk, one
+signature: every argument's layout is declared 'A', any strides), or None when numba is not installed or
+kernels are switched off (``BLACKBOX_DIFF_KERNELS=0``, `use_kernels`); callers then take their vectorised
+numpy path, which computes the same values (the tests compare the two).
+
+Compiled with ``fastmath={"reassoc", "contract"}`` only: sums may be reordered (vectorised) and fused, which
+changes round-off and nothing else; NaN and Inf keep their meaning (no ``nnan``/``ninf``), so a NaN answer
+still fails its check. Inside a kernel, ``max(0.0, v)`` is 0 for a NaN v (max keeps its first argument
+unless another is larger): kernels write ``v if not v <= 0.0 else 0.0``, which keeps NaN whatever the order.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable
+from typing import Any
+
+__all__ = ["KERNELS_ENV", "Kernel", "kernels_enabled", "use_kernels"]
+
+#: Set to 0 to run the checks' numpy paths even where numba is installed.
+KERNELS_ENV = "BLACKBOX_DIFF_KERNELS"
+
+_state = {"enabled": os.environ.get(KERNELS_ENV, "1").strip().lower() not in ("0", "false", "no", "off")}
+
+
+def kernels_enabled() -> bool:
+    """Whether `Kernel.compiled` may return compiled code (numba must also be importable)."""
+    return _state["enabled"]
+
+
+def use_kernels(enabled: bool) -> bool:
+    """Switch the compiled kernels on or off for this process; returns the previous setting."""
+    previous = _state["enabled"]
+    _state["enabled"] = bool(enabled)
+    return previous
+
+
+class Kernel:
+    """A function of scalar loops over numpy arrays, compiled by numba on first use.
+
+    Args:
+        fn: the Python function (numba's nopython subset).
+        signature: numba's signature string (e.g. ``"Tuple((f8[:, :], f8[:, :]))(f8[:, :], i8)"``); one
+            signature, so the kernel compiles once per machine whatever the arrays' strides.
+    """
+
+    def __init__(self, fn: Callable, signature: str) -> None:
+        self.fn, self.signature = fn, signature
+        self._compiled: Any = None
+        self._tried = False
+        self._lock = threading.Lock()
+        self.__name__ = fn.__name__
+        self.__doc__ = fn.__doc__
+
+    def compiled(self) -> Callable | None:
+        """The compiled function, or None (no numba, or kernels switched off)."""
+        if not _state["enabled"]:
+            return None
+        if not self._tried:
+            with self._lock:
+                if not self._tried:
+                    self._compiled = _compile(self.fn, self.signature)
+                    self._tried = True
+        return self._compiled
+
+
+def _compile(fn: Callable, signature: str) -> Callable | None:
+    try:
+        import numba
+    except ImportError:
+        return None
+    return numba.njit(signature, cache=True, nogil=True, fastmath={"reassoc", "contract"})(fn)
