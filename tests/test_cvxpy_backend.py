@@ -721,7 +721,7 @@ def test_numpy_batch_certificate_is_the_torch_certificate(case, batch, path):
     params_b = [raw[k] if shared[k] else torch.stack([r[2][k] for r in rows]) for k in range(len(raw))]
     previous = use_kernels(path == "compiled")
     try:
-        C, L, exact = condition.certify(Z, aux, params_b, tuple(not s for s in shared))
+        C, L, exact, worst = condition.certify(Z, aux, params_b, tuple(not s for s in shared))
     finally:
         use_kernels(previous)
     S = exact()
@@ -730,6 +730,8 @@ def test_numpy_batch_certificate_is_the_torch_certificate(case, batch, path):
         torch.testing.assert_close(torch.as_tensor(C[i]), condition.certificate(z, *a, *inst), atol=1e-12, rtol=0)
         torch.testing.assert_close(torch.as_tensor(S[i]), condition.residual_scale(z, *a, *inst), atol=0, rtol=1e-12)
     assert S.shape == (batch, sum(condition.certificate_blocks())) and np.abs(C).min(axis=0).max() > 1e-3
+    ratio = np.where(L > 0, np.abs(C) / np.where(L > 0, L, 1.0), np.where(C == 0, 0.0, np.inf))
+    assert (worst is None) == (path == "numpy") and (worst is None or worst == pytest.approx(ratio.max(), rel=1e-12))
 
 
 def test_second_order_cone_programs_keep_the_torch_certificate():

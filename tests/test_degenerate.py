@@ -574,11 +574,14 @@ def test_the_batch_certificate_is_each_instances_own():
     Z = torch.stack([r[0] for r in rows])
     aux = tuple(torch.stack([r[1][k] for r in rows]) for k in range(len(rows[0][1])))
     params = [Q] + [torch.stack([r[2][k] for r in rows]) for k in range(1, 6)]
-    C, L, exact = cond.certify(Z, aux, params, (False, True, True, True, True, True))
+    C, L, exact, worst = cond.certify(Z, aux, params, (False, True, True, True, True, True))
     S = exact()
+    # The compiled loop's largest |C| / size, which the engine compares with its tolerance (None from numpy).
+    assert worst is None or worst == pytest.approx(np.max(np.where(L > 0, np.abs(C) / np.where(L > 0, L, 1), np.where(
+        C == 0, 0.0, np.inf))), rel=1e-12)
     for i, (z, a, data) in enumerate(rows):
-        Ci, Li, exact_i = cond.certify(z[None], tuple(t[None] for t in a), [data[0]] + [d[None] for d in data[1:]],
-                                       (False, True, True, True, True, True))
+        Ci, Li, exact_i, _ = cond.certify(z[None], tuple(t[None] for t in a), [data[0]] + [d[None] for d in data[1:]],
+                                          (False, True, True, True, True, True))
         np.testing.assert_allclose(C[i], Ci[0], rtol=0, atol=1e-12)
         np.testing.assert_allclose(L[i], Li[0], rtol=1e-14)
         np.testing.assert_allclose(S[i], exact_i()[0], rtol=1e-14)

@@ -53,8 +53,10 @@ def _both(args, symmetric):
 def test_polyhedral_certificate_kernel_is_the_numpy_one(B, n, pe, m, shared, quad, symmetric):
     rng = np.random.default_rng(B * 100 + n + pe + m)
     args = _case(rng, B, n, pe, m, shared, quad)
-    (C, L), (C0, L0) = _both(args, symmetric)
-    assert C.shape == L.shape == (B, n + 2 * pe + 3 * m)
+    (C, L, worst), (C0, L0, none) = _both(args, symmetric)
+    assert C.shape == L.shape == (B, n + 2 * pe + 3 * m) and none is None
+    ratio = np.where(L > 0, np.abs(C) / np.where(L > 0, L, 1.0), np.where(C == 0, 0.0, np.inf))
+    assert worst == pytest.approx(ratio.max(), rel=1e-12)  # the largest |C| / size, for the engine's test
     np.testing.assert_allclose(C, C0, rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(L, L0, rtol=1e-12, atol=1e-12)
     S = polyhedral_term_sizes(*args, symmetric=symmetric)
@@ -74,7 +76,7 @@ def test_kernel_takes_strided_and_read_only_inputs():
     G_strided = np.ascontiguousarray(G.swapaxes(1, 2)).swapaxes(1, 2)  # same values, Fortran-ordered blocks
     c_readonly = np.broadcast_to(c[:1], c.shape)  # a broadcast view: read-only
     args = (Z, on_E, on_G, P, c_readonly, E, e, G_strided, h)
-    (C, L), (C0, L0) = _both(args, True)
+    (C, L, _), (C0, L0, _) = _both(args, True)
     np.testing.assert_allclose(C, C0, rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(L, L0, rtol=1e-12, atol=1e-12)
 
@@ -88,8 +90,9 @@ def test_nan_answers_give_nan_certificates_and_fail(where):
     on_G[1] = [1.0, 0.0, 1.0]
     col = {"x": 0, "active multiplier": 4 + 1 + 0, "inactive multiplier": 4 + 1 + 1}[where]
     Z[1, col] = np.nan
-    (C, L), (C0, _) = _both((Z, on_E, on_G, P, c, E, e, G, h), True)
+    (C, L, worst), (C0, _, _) = _both((Z, on_E, on_G, P, c, E, e, G, h), True)
     assert np.array_equal(np.isnan(C), np.isnan(C0)) and np.isnan(C[1]).any() and not np.isnan(C[0]).any()
+    assert worst == np.inf  # NaN counts as infinitely far: the engine's shortcut never passes it
     S = np.abs(np.nan_to_num(C)) / 1e-3 + 1.0  # sizes every finite component passes against
     assert passes(np.nan_to_num(C), S, 1e-3) and not passes(C, S, 1e-3)  # only the NaN fails
 
@@ -118,3 +121,70 @@ def test_use_kernels_switches_the_compiled_code_off_and_back():
         assert compiled is not None and compiled(2.5) == 2.5
     finally:
         use_kernels(previous)
+
+
+def _total(a):
+    s = 0.0
+    for i in range(a.shape[0]):
+        s += a[i]
+    return s
+
+
+def test_kernel_call_copies_arrays_its_signature_does_not_take():
+    # One signature (C-contiguous, writable): a strided view or a read-only broadcast is copied and the
+    # call retried, instead of numba's "no matching definition".
+    kernel = Kernel(_total, "float64(float64[::1])")
+    a = np.arange(10.0)
+    assert kernel.compiled() is not None
+    assert kernel(a) == 45.0 and kernel(a[::2]) == 20.0 and kernel(np.broadcast_to(np.float64(2.0), (3,))) == 6.0
+
+
+@pytest.mark.parametrize("point", ["answer", "perturbed", "nan multiplier"])
+def test_casadi_certificate_and_row_scan_kernels_are_the_numpy_ones(point):
+    # The CasADi checks (certificate of one answer; the polish's row scan that finds rows to move and weakly
+    # active rows) on an MPC with active control bounds, at its answer and off it: compiled == numpy.
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("casadi")
+    import torch
+
+    import blackbox_diff as bbd
+    from blackbox_diff_casadi import _active
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+    import mpc_imitation
+
+    layer = mpc_imitation.mpc_layer(10, 0.05)
+    cond, k = layer.compiled.condition, layer.compiled.condition.kernels
+    values = [np.array([0.3, 0.5, 0.6, 0.8]), np.asarray(mpc_imitation.TRUE_WEIGHTS, dtype=float), np.array(0.6)]
+    params = tuple(torch.as_tensor(v) for v in values)
+    z_t, (lo_t, up_t) = cond.prepare(layer.compiled.solve(*values), params, bbd.ImplicitOptions())
+    z, lo, up = z_t.numpy().copy(), lo_t.numpy(), up_t.numpy()
+    assert up.any() or lo[k.n:].any()  # some bound is held
+    rng = np.random.default_rng(4)
+    if point == "perturbed":
+        z = z + 1e-3 * rng.standard_normal(z.size)
+    elif point == "nan multiplier":
+        z[k.n + int(np.flatnonzero(lo + up)[0])] = np.nan
+    p = np.concatenate([v.reshape(-1, order="F") for v in values])
+    C, S, worst = cond.certify_one(z, lo, up, p)
+    scan = _active._violations(k, z, lo, up, p, 1e-7)
+    weak = _active._weak_rows(k, k.at(z, lo, up, p), z, lo, up, p, 1e-7)
+    previous = use_kernels(False)
+    try:
+        C0, S0, none = cond.certify_one(z, lo, up, p)
+        scan0 = _active._violations(k, z, lo, up, p, 1e-7)
+        weak0 = _active._weak_rows(k, k.at(z, lo, up, p), z, lo, up, p, 1e-7)
+    finally:
+        use_kernels(previous)
+    assert none is None
+    np.testing.assert_array_equal(np.isnan(C), np.isnan(C0))
+    np.testing.assert_allclose(C, C0, rtol=1e-13, atol=0)
+    np.testing.assert_allclose(S, S0, rtol=1e-13, atol=0)
+    for a, b in zip((*scan, *weak), (*scan0, *weak0), strict=True):
+        np.testing.assert_array_equal(a, b)
+    ratio = np.where(S > 0, np.abs(C) / np.where(S > 0, S, 1.0), np.where(C == 0, 0.0, np.inf))
+    ratio[np.isnan(C)] = np.inf
+    assert worst == pytest.approx(ratio.max(), rel=1e-12)
+    assert (worst == np.inf) == (point == "nan multiplier") and (worst < 1e-9) == (point == "answer")

@@ -75,7 +75,10 @@ class AbstractCondition(abc.ABC):
         It may return a third element: then the second is the term sizes from below (e.g. the magnitudes of
         the partial sums each component is made of, free once the certificate is computed) and the third a
         function returning the exact ones, which certification calls only when the certificate does not pass
-        against the bound (a bound from below only makes the test stricter: what passes against it passes).
+        against the bound (a bound from below only makes the test stricter: what passes against it passes),
+        and a fourth: the largest |certificate| / size over the batch (0 where both vanish, inf where only
+        the size does or for NaN), when the code that computed them found it on the way; the engine then
+        compares it with the tolerance instead of scanning the arrays again (None: it scans).
         Not overridden, or returning None (a kind of problem it does not cover): the engine evaluates
         `certificate` and `residual_scale` (or estimates the term sizes).
         """

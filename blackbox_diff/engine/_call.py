@@ -305,9 +305,12 @@ class Call(abc.ABC):
         tol = effective_tolerance(tol, Z.dtype)
         rows = torch.nonzero(ok).flatten() if not full else None
         sub = system if full else system.rows(rows)
-        Zs = (Z if full else Z[rows]).detach()
+        Zs = Z if full else Z[rows]
+        Zs = Zs.detach() if Zs.requires_grad else Zs
         Ps = [p.detach() if p.requires_grad else p for p in (params if full else sub.params_rows(params, rows))]
-        C, scale, exact = self._certificate(sub, Zs, Ps, R)
+        C, scale, exact, worst = self._certificate(sub, Zs, Ps, R)
+        if worst is not None and worst <= tol:  # the condition's own scan: every |C| <= tol * scale
+            return None
         if passes(C, scale, tol):  # within tol of its own terms without the floor: nothing more to test
             return None
         if exact is not None:  # `scale` was a bound from below: the test needs the exact term sizes
@@ -340,15 +343,17 @@ class Call(abc.ABC):
         return torch.tensor(passed, dtype=torch.bool)
 
     def _certificate(self, sub: System, Zs: torch.Tensor, Ps: list[torch.Tensor],
-                     R: torch.Tensor) -> tuple[np.ndarray, np.ndarray, Callable | None]:
+                     R: torch.Tensor) -> tuple[np.ndarray, np.ndarray, Callable | None, float | None]:
         """(certificate, term sizes, None) of the ok rows (their system `sub`, answers `Zs`, parameters `Ps`;
         R: the residual there), numpy (k, m): the condition's batch `certify_fn`, else its torch certificate
         and term sizes. A condition may give the term sizes from below and a function for the exact ones
-        (third element), which the test then calls only when the bound does not suffice."""
+        (third element), which the test then calls only when the bound does not suffice, and the largest
+        |certificate| / size it found (fourth), which spares the test its own scan."""
         own = self.certify_fn()
         stated = None if own is None else own(Zs, sub.aux, Ps, sub.batched)
         if stated is not None:
-            return np.asarray(stated[0]), np.asarray(stated[1]), (stated[2] if len(stated) > 2 else None)
+            return (np.asarray(stated[0]), np.asarray(stated[1]), stated[2] if len(stated) > 2 else None,
+                    stated[3] if len(stated) > 3 else None)
         cert = self.certificate_fn()
         fn = cert or sub.residual
 
@@ -364,7 +369,7 @@ class Call(abc.ABC):
             scale = term_scale(certificate, Zs, Ps) if sub.functional else None
         if scale is None:  # no derivatives to size the terms with: the unknowns' size, as a last resort
             scale = (1.0 + Zs.abs().amax(dim=1, keepdim=True)).expand_as(C) if Zs.shape[1] else torch.ones_like(C)
-        return C.detach().cpu().numpy(), scale.detach().to(C.dtype).cpu().numpy(), None
+        return C.detach().cpu().numpy(), scale.detach().to(C.dtype).cpu().numpy(), None, None
 
     # --- adjoint cache (the closure link and the parameter path share one solve) ----------------
     def remember_adjoint(self, g: torch.Tensor, u: torch.Tensor) -> None:

@@ -32,16 +32,11 @@ __all__ = ["Verdict", "effective_tolerance", "passes", "relative_residual", "sig
 _PROBES = 4
 
 
+@functools.lru_cache(maxsize=64)
 def effective_tolerance(tol: float, dtype: torch.dtype) -> float:
     """The relative tolerance actually used: never below 100 eps of the answer's dtype (float32 answers
     exact to float32 pass with the float64 default)."""
-    eps = _EPS.get(dtype)
-    if eps is None:
-        eps = _EPS.setdefault(dtype, _eps(dtype))
-    return float(tol) if tol >= 100.0 * eps else 100.0 * eps
-
-
-_EPS: dict[torch.dtype, float] = {}
+    return max(float(tol), 100.0 * _eps(dtype))
 
 
 @functools.lru_cache(maxsize=16)
@@ -58,21 +53,21 @@ def passes(C: np.ndarray, scale: np.ndarray, tol: float) -> bool:
     """Whether every component is within `tol` of its own terms, before any floor: the floor only loosens
     the test (`relative_residual`), so answers that pass this need nothing more (a polished answer's usual
     case: one compiled loop, or four array operations). NaN never passes."""
-    kernel = _PASSES.compiled()
-    if (kernel is not None and C.dtype == np.float64 and scale.dtype == np.float64 and C.shape == scale.shape
-            and C.flags.writeable and scale.flags.writeable):
-        return kernel(C.reshape(-1), scale.reshape(-1), float(tol))
+    if _PASSES.compiled() is not None and C.ndim == 2 and C.shape == scale.shape and \
+            C.dtype == scale.dtype == np.float64:
+        return _PASSES(C, scale, float(tol))
     return bool((np.abs(C) <= tol * scale).all())
 
 
 def _passes_loop(C, S, tol):
     for i in range(C.shape[0]):
-        if not abs(C[i]) <= tol * S[i]:
-            return False
+        for j in range(C.shape[1]):
+            if not abs(C[i, j]) <= tol * S[i, j]:
+                return False
     return True
 
 
-_PASSES = Kernel(_passes_loop, "boolean(float64[:], float64[:], float64)")
+_PASSES = Kernel(_passes_loop, "boolean(float64[:, :], float64[:, :], float64)")
 
 
 def term_scale(fn: Callable[[torch.Tensor, list[torch.Tensor]], torch.Tensor], Z: torch.Tensor,

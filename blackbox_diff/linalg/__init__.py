@@ -28,7 +28,7 @@ from ._bicgstab import bicgstab
 from ._cg import cg
 from ._dense import dense_solve, lstsq_solve, materialize
 from ._gmres import gmres
-from ._kernels import KERNELS_ENV, Kernel, kernels_enabled, use_kernels
+from ._kernels import KERNELS_ENV, Kernel, kernel_array, kernels_enabled, use_kernels
 from ._krylov import Matvec
 from ._minres import minres
 from ._neumann import neumann
@@ -44,6 +44,7 @@ __all__ = [
     "cg",
     "dense_solve",
     "gmres",
+    "kernel_array",
     "kernels_enabled",
     "lstsq_solve",
     "make_solution",

@@ -21,7 +21,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["KERNELS_ENV", "Kernel", "kernels_enabled", "use_kernels"]
+__all__ = ["KERNELS_ENV", "Kernel", "kernel_array", "kernels_enabled", "use_kernels"]
 
 #: Set to 0 to run the checks' numpy paths even where numba is installed.
 KERNELS_ENV = "BLACKBOX_DIFF_KERNELS"
@@ -41,6 +41,17 @@ def use_kernels(enabled: bool) -> bool:
     return previous
 
 
+def kernel_array(a: Any, dtype: Any = None) -> Any:
+    """`a` as a kernel's signature takes arrays: C-contiguous, writable, of `dtype` (float64 by default); a copy
+    only when it is not (a strided view, a broadcast, another dtype), so one compiled signature serves."""
+    import numpy as np
+
+    dtype = np.float64 if dtype is None else dtype
+    if isinstance(a, np.ndarray) and a.flags.c_contiguous and a.flags.writeable and a.dtype == dtype:
+        return a
+    return np.array(a, dtype=dtype, order="C")
+
+
 class Kernel:
     """A function of scalar loops over numpy arrays, compiled by numba on first use.
 
@@ -58,6 +69,16 @@ class Kernel:
         self.__name__ = fn.__name__
         self.__doc__ = fn.__doc__
 
+    def __call__(self, *args: Any) -> Any:
+        """The compiled function on `args` (callers check `compiled()` first). Arrays the signature does not
+        take as they are (strided, read-only) are copied and the call retried, so the usual call pays no
+        conversion."""
+        fn = self.compiled()
+        try:
+            return fn(*args)
+        except TypeError:  # numba: no matching definition for these array layouts
+            return fn(*(_contiguous(a) for a in args))
+
     def compiled(self) -> Callable | None:
         """The compiled function, or None (no numba, or kernels switched off)."""
         if not _state["enabled"]:
@@ -68,6 +89,14 @@ class Kernel:
                     self._compiled = _compile(self.fn, self.signature)
                     self._tried = True
         return self._compiled
+
+
+def _contiguous(a: Any) -> Any:
+    import numpy as np
+
+    if isinstance(a, np.ndarray) and not (a.flags.c_contiguous and a.flags.writeable):
+        return np.array(a, order="C")
+    return a
 
 
 def _compile(fn: Callable, signature: str) -> Callable | None:

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._kernels import Kernel
+from ._kernels import Kernel, kernel_array
 
 __all__ = ["polyhedral_certificate", "polyhedral_term_sizes"]
 
@@ -36,12 +36,13 @@ _TINY = float(np.finfo(np.float64).tiny)
 
 def polyhedral_certificate(Z: np.ndarray, on_E: np.ndarray, on_G: np.ndarray, P: np.ndarray | None,
                            c: np.ndarray, E: np.ndarray, e: np.ndarray, G: np.ndarray, h: np.ndarray, *,
-                           symmetric: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """(certificate, term sizes from below), each (B, n + 2 pe + 3 m); see the module docstring."""
-    kernel = _KERNEL.compiled()
-    if kernel is not None:
+                           symmetric: bool = False) -> tuple[np.ndarray, np.ndarray, float | None]:
+    """(certificate, term sizes from below, worst), the arrays (B, n + 2 pe + 3 m); see the module docstring.
+    worst: the largest |certificate| / size (inf where a size vanishes under a nonzero component, or for NaN),
+    from the compiled loop; None from the numpy path (the engine then tests the arrays)."""
+    if _KERNEL.compiled() is not None:
         quad = P is not None
-        return kernel(*map(_c_array, (Z, on_E, on_G, P if quad else _EMPTY, c, E, e, G, h)), quad, symmetric)
+        return _KERNEL(*map(kernel_array, (Z, on_E, on_G, P if quad else _EMPTY, c, E, e, G, h)), quad, symmetric)
     B, n, pe = Z.shape[0], c.shape[1], e.shape[1]
     x, y, on = Z[:, :n], Z[:, n:], np.concatenate([on_E, on_G], axis=1)
     H, rhs = _stack(E, G, B, 1), _stack(e, h, B, 1)
@@ -54,7 +55,7 @@ def polyhedral_certificate(Z: np.ndarray, on_E: np.ndarray, on_G: np.ndarray, P:
                                   on[:, pe:] * np.maximum(-y[:, pe:], 0.0)], axis=1)
     lower = np.concatenate([np.abs(Px) + np.abs(c) + np.abs(Hy), on * (np.abs(Hx) + np.abs(rhs)),
                             np.zeros_like(certificate[:, n + on.shape[1] :])], axis=1)
-    return certificate, lower
+    return certificate, lower, None
 
 
 def polyhedral_term_sizes(Z: np.ndarray, on_E: np.ndarray, on_G: np.ndarray, P: np.ndarray | None,
@@ -99,14 +100,6 @@ def _vm(v: np.ndarray, M: np.ndarray) -> np.ndarray:
 
 # --- the compiled loop (numba's subset: no calls to Python helpers) ---------------------------------
 _EMPTY = np.zeros((1, 0, 0))
-
-
-def _c_array(a: np.ndarray) -> np.ndarray:
-    """`a` as the kernel's signature takes it: C-contiguous and writable (a copy only when it is not: a
-    strided view, a broadcast); one signature, so the kernel compiles once."""
-    if a.flags.c_contiguous and a.flags.writeable and a.dtype == np.float64:
-        return a
-    return np.array(a, dtype=np.float64, order="C")
 
 
 def _certificate_loop(Z, on_E, on_G, P, c, E, e, G, h, quad, symmetric):
@@ -166,11 +159,17 @@ def _certificate_loop(Z, on_E, on_G, P, c, E, e, G, h, quad, symmetric):
         for r in range(m):
             v = -y[pe + r]
             C[i, n + 2 * pe + 2 * m + r] = on_G[i, r] * (v if not v <= 0.0 else 0.0)
-    return C, S
+    worst = 0.0  # the largest |C| / S: what the engine compares with its tolerance (NaN counts as inf)
+    for i in range(C.shape[0]):
+        for j in range(C.shape[1]):
+            a, s = abs(C[i, j]), S[i, j]
+            if not a <= s * worst:  # only a component that might raise it is divided
+                worst = np.inf if not (s > 0.0 and a == a) else max(worst, a / s)
+    return C, S, worst
 
 
 _M2, _M3 = "float64[:, ::1]", "float64[:, :, ::1]"
 _KERNEL = Kernel(
     _certificate_loop,
-    f"Tuple(({_M2}, {_M2}))({_M2}, {_M2}, {_M2}, {_M3}, {_M2}, {_M3}, {_M2}, {_M3}, {_M2}, boolean, boolean)",
+    f"Tuple(({_M2}, {_M2}, float64))({_M2}, {_M2}, {_M2}, {_M3}, {_M2}, {_M3}, {_M2}, {_M3}, {_M2}, boolean, boolean)",
 )

@@ -13,14 +13,15 @@ reverse mode. Two forms:
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import numpy as np
 import torch
 
 from blackbox_diff import AbstractCondition
-from blackbox_diff.plugin import answer_dtype_device, float64_numpy, owned_tensor
-from blackbox_diff_casadi._active import settle
+from blackbox_diff.plugin import Kernel, answer_dtype_device, float64_numpy, owned_tensor
+from blackbox_diff_casadi._active import point_rows, settle
 from blackbox_diff_casadi._degenerate import casadi_degeneracy
 from blackbox_diff_casadi._kkt import KKTKernels
 
@@ -44,11 +45,8 @@ class CasadiSolution:
 
 def _flat_params(params: tuple[torch.Tensor, ...]) -> np.ndarray:
     """Stack parameters column-major (CasADi's vec) into one float64 vector."""
-    parts = []
-    for t in params:
-        a = t.detach().to("cpu", torch.float64).numpy()
-        parts.append(a.reshape(-1, order="F"))
-    return np.concatenate(parts) if parts else np.zeros(0)
+    parts = [float64_numpy(t).reshape(-1, order="F") for t in params]
+    return np.concatenate(parts) if parts else np.zeros(0)  # a copy: the tensors' memory is not kept
 
 
 def _split_grad(vec: np.ndarray, params: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
@@ -62,7 +60,7 @@ def _split_grad(vec: np.ndarray, params: tuple[torch.Tensor, ...]) -> list[torch
 
 
 def _np(t: torch.Tensor) -> np.ndarray:
-    return t.detach().to("cpu", torch.float64).numpy().reshape(-1)
+    return float64_numpy(t).reshape(-1)
 
 
 class _Residual(torch.autograd.Function):
@@ -115,6 +113,9 @@ class CasadiKKT(AbstractCondition):
     def __init__(self, kernels: KKTKernels, *, adjoint: str = "sparse_lu", polish: bool = True) -> None:
         self.kernels, self.adjoint, self.polish = kernels, adjoint, polish
         self.preconditioned = adjoint == "sparse_lu"
+        # thread -> the tensors `prepare` last returned and the numpy values they hold: `degeneracy`, called
+        # next on the same thread with those tensors, reads the values instead of converting them back
+        self._prepared: dict[int, tuple] = {}
         # K^{-1} K = I: the adjoint is the incoming gradient, checked by one product (escalating if it fails).
         self.structure = "identity" if self.preconditioned else "symmetric"
 
@@ -135,18 +136,22 @@ class CasadiKKT(AbstractCondition):
         return (n, m, m, m)
 
     def certify(self, Z: torch.Tensor, aux: tuple, params: list, batched: tuple[bool, ...]) -> tuple[np.ndarray, ...]:
-        """(certificate, term sizes) of a batch, in numpy, instance by instance (`certify_one`)."""
-        Zn, lo, up = (float64_numpy(t) for t in (Z, *aux))
+        """(certificate, term sizes, None, worst ratio) of a batch, in numpy, instance by instance
+        (`certify_one`); no exact-sizes function (the sizes are exact)."""
+        Zn, lo, up = float64_numpy(Z), float64_numpy(aux[0]), float64_numpy(aux[1])
+        if Zn.shape[0] == 1:  # one instance: no stacking
+            C, S, worst = self.certify_one(Zn[0], lo[0], up[0], _flat_params(tuple(params)))
+            return C[None], S[None], None, worst
         shared = None if any(batched) else _flat_params(tuple(params))  # the same parameters for every row
         out = [self.certify_one(Zn[i], lo[i], up[i], shared if shared is not None else _flat_params(tuple(
             t[i] if b else t for t, b in zip(params, batched, strict=True)))) for i in range(Zn.shape[0])]
-        if len(out) == 1:
-            return out[0][0][None], out[0][1][None]
-        return np.stack([c for c, _ in out]), np.stack([s for _, s in out])
+        worst = None if any(o[2] is None for o in out) else max(o[2] for o in out)
+        return np.stack([o[0] for o in out]), np.stack([o[1] for o in out]), None, worst
 
     def certify_one(self, z: np.ndarray, lo: np.ndarray, up: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, ...]:
-        """(certificate, term sizes) of one answer, in numpy, from the values the polish already evaluated
-        there (`KKTKernels.at`, `row_sizes`: cached by value).
+        """(certificate, term sizes, worst ratio or None) of one answer, in numpy, from the values the polish
+        already evaluated there (`KKTKernels.at`; row sizes kept with the point): one compiled loop where numba
+        is installed (which also gives the largest |certificate| / size).
 
         The certificate: F (not K^{-1} F), the feasibility of inactive rows, the signs of active multipliers.
         The size of each component's terms, exact from CasADi's sparse Jacobians: |d2L/dx2||x| + |grad f| +
@@ -156,19 +161,22 @@ class CasadiKKT(AbstractCondition):
         """
         k = self.kernels
         pt = k.at(z, lo, up, p)
+        rows, norms, gf = point_rows(k, pt, z, p)
+        terms = pt.terms(z, p)
+        if _CERTIFICATE.compiled() is not None:
+            return _CERTIFICATE(z, lo, up, pt.F, pt.c, pt.lb, pt.ub, terms, gf, rows, norms, k.n)
         F, c, lb, ub = pt.F, pt.c, pt.lb, pt.ub
         lam = z[k.n :]
         free = (lo + up) == 0
         viol = np.where(free, np.maximum(c - ub, 0) + np.maximum(lb - c, 0), 0.0)
         sign = np.where(up > 0, np.maximum(-lam, 0), 0.0) + np.where((lo > 0) & (lb != ub), np.maximum(lam, 0), 0.0)
         certificate = np.concatenate([F, viol, sign])  # NaN fails the test as it is
-        rows, norms, gf = k.row_sizes(z[: k.n], p)
-        stat = pt.terms(z, p)[: k.n] + gf
+        stat = terms[: k.n] + gf
         top = stat.max(initial=0.0)
         dual = np.where(norms > 0, top / np.where(norms > 0, norms, 1.0), 0.0)
         scale = np.concatenate([stat, np.where(free, np.abs(lam), rows), rows, dual + np.abs(lam)])
         scale[~np.isfinite(scale)] = 0.0  # no size from a term that is not finite: judged by the floor
-        return certificate, scale
+        return certificate, scale, None
 
     def prepare(self, solution: Any, params: tuple[Any, ...], options: Any) -> tuple[torch.Tensor, tuple]:
         """(z, (a_lo, a_up)): the answer on the active set it settles on, polished onto it (`_active`)."""
@@ -177,10 +185,62 @@ class CasadiKKT(AbstractCondition):
         p = _flat_params(tuple(params))
         x, lam = np.asarray(solution.x, dtype=np.float64), np.asarray(solution.lam, dtype=np.float64)
         z, alo, aup = settle(k, x, lam, p, options.active_tol, polish=self.polish)
-        return owned_tensor(z, *fmt), (owned_tensor(alo, *fmt), owned_tensor(aup, *fmt))
+        out = owned_tensor(z, *fmt), (owned_tensor(alo, *fmt), owned_tensor(aup, *fmt))
+        self._prepared[threading.get_ident()] = (out[0], *out[1], (z, alo, aup, p))
+        return out
 
     def degeneracy(self, z: torch.Tensor, aux: tuple, params: tuple, options: Any) -> Any:
         """The admissible active sets at a degenerate answer (`blackbox_diff_casadi._degenerate`)."""
         alo, aup = aux
-        return casadi_degeneracy(self.kernels, _np(z), _np(alo), _np(aup), _flat_params(tuple(params)),
-                                 options.active_tol, z)
+        last = self._prepared.pop(threading.get_ident(), None)
+        if last is not None and last[0] is z and last[1] is alo and last[2] is aup:
+            values = last[3]  # the tensors prepare just made from these arrays: no conversion back
+        else:
+            values = (_np(z), _np(alo), _np(aup), _flat_params(tuple(params)))
+        return casadi_degeneracy(self.kernels, *values, options.active_tol, z)
+
+
+def _certificate_loop(z, lo, up, F, c, lb, ub, terms, gf, rows, norms, n):
+    """`CasadiKKT.certify_one`'s numpy arithmetic as one loop (NaN kept where numpy keeps it)."""
+    m = c.shape[0]
+    N = n + m
+    C = np.empty(N + 2 * m)
+    S = np.empty(N + 2 * m)
+    top = 0.0
+    for j in range(n):
+        s = terms[j] + gf[j]
+        S[j] = s
+        if s != s or s > top:  # np.max: NaN wins
+            top = s if top == top else top
+    for j in range(N):
+        C[j] = F[j]
+    for r in range(m):
+        lam = z[n + r]
+        free = lo[r] + up[r] == 0
+        v = 0.0
+        if free:
+            above, below = c[r] - ub[r], lb[r] - c[r]
+            v = (above if not above <= 0.0 else 0.0) + (below if not below <= 0.0 else 0.0)
+        C[N + r] = v
+        sign = 0.0
+        if up[r] > 0:
+            sign += -lam if not -lam <= 0.0 else 0.0
+        if lo[r] > 0 and lb[r] != ub[r]:
+            sign += lam if not lam <= 0.0 else 0.0
+        C[N + m + r] = sign
+        S[n + r] = abs(lam) if free else rows[r]
+        S[N + r] = rows[r]
+        S[N + m + r] = (top / norms[r] if norms[r] > 0 else 0.0) + abs(lam)
+    for j in range(N + 2 * m):
+        if not np.isfinite(S[j]):  # no size from a term that is not finite: judged by the floor
+            S[j] = 0.0
+    worst = 0.0  # the largest |C| / S (NaN counts as inf)
+    for j in range(C.shape[0]):
+        a, s = abs(C[j]), S[j]
+        if not a <= s * worst:
+            worst = np.inf if not (s > 0.0 and a == a) else max(worst, a / s)
+    return C, S, worst
+
+
+_F = "float64[::1]"
+_CERTIFICATE = Kernel(_certificate_loop, f"Tuple(({_F}, {_F}, float64))({', '.join([_F] * 11)}, int64)")

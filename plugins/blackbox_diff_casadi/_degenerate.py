@@ -34,7 +34,7 @@ def casadi_degeneracy(kernels, z: np.ndarray, alo: np.ndarray, aup: np.ndarray, 
     """A `Degeneracy` for an answer whose K is suspect or that has weakly active rows; None otherwise."""
     n = kernels.n
     pt = kernels.at(z, alo, aup, p)
-    weak, side_up = weak_rows(kernels, z, alo, aup, p, tol)
+    weak, side_up = weak_rows(kernels, z, alo, aup, p, tol, pt)
     if not pt.suspect and not weak.any():
         return None
     x, lam = z[:n], z[n:]
@@ -47,7 +47,7 @@ def casadi_degeneracy(kernels, z: np.ndarray, alo: np.ndarray, aup: np.ndarray, 
     held = (alo + aup > 0) & ~eq
     jg = np.where(eq[:, None], 0.0, sign[:, None] * Jc / unit[:, None])
     lam_unit = np.where(held, sign * lam * unit, 0.0)
-    stat_top = tol * stationarity_top(kernels, z, alo, aup, p)
+    stat_top = tol * stationarity_top(kernels, z, alo, aup, p, pt)
     found = active_set_variants(
         *(torch.from_numpy(np.ascontiguousarray(v)) for v in (grad_f, Jc[eq] / unit[eq, None], jg,
                                                              lam[eq] * unit[eq], lam_unit)),

@@ -189,7 +189,8 @@ class KKTKernels:
 class Point:
     """F, the nonzeros of K and the constraint values at one point; the sparse LU is built on first use."""
 
-    __slots__ = ("F", "K", "c", "lb", "ub", "_pattern", "_Jp", "_p_pattern", "_lu", "_done", "_pinv", "_terms")
+    __slots__ = ("F", "K", "c", "lb", "ub", "_pattern", "_Jp", "_p_pattern", "_lu", "_done", "_pinv", "_terms",
+                 "_memo")
 
     # A pivot of the equilibrated K below this fraction of the largest makes the point suspect of degeneracy
     # (the KKT toolkit's rank test then decides); SuperLU does not fail on a numerically singular matrix.
@@ -199,6 +200,18 @@ class Point:
         self.F, self.K, self.c, self.lb, self.ub, self._pattern = F, K, c, lb, ub, pattern
         self._Jp, self._p_pattern = Jp, p_pattern
         self._lu, self._done, self._pinv, self._terms = None, False, None, None
+        self._memo: dict | None = None
+
+    def memo(self, key: Any, compute) -> Any:
+        """compute(), kept with the point (a function of the point only): what the polish's last check asks
+        there (row sizes, tolerances), certification and the degeneracy test find without another lookup."""
+        memo = self._memo
+        if memo is None:
+            memo = self._memo = {}
+        hit = memo.get(key)
+        if hit is None:
+            hit = memo[key] = compute()
+        return hit
 
     def solve(self, b: np.ndarray, trans: str = "N") -> np.ndarray:
         """K^{-1} b (or K^{-T} b) by the sparse LU; the minimum-norm least-squares solution when K is

@@ -67,13 +67,12 @@ class SparseCertificate:
         return theta
 
     def __call__(self, Z: np.ndarray, active: np.ndarray, values: list[np.ndarray]):
-        """(certificate, sizes from below) (B, n + 2 m + nonneg), or None without a compiled kernel."""
-        kernel = _KERNEL.compiled()
-        if kernel is None:
+        """(certificate, sizes from below, worst ratio) (B, n + 2 m + nonneg), or None without a compiled
+        kernel."""
+        if _KERNEL.compiled() is None:
             return None
         theta = self.theta_rows(values, Z.shape[0])
-        Z, active = (a if a.flags.c_contiguous and a.flags.writeable else np.array(a, order="C") for a in (Z, active))
-        return kernel(*self.csr, theta, self.n, self.m, *self.pattern, *self.dense, Z, active, self.zero)
+        return _KERNEL(*self.csr, theta, self.n, self.m, *self.pattern, *self.dense, Z, active, self.zero)
 
 
 def _whole(rows: np.ndarray, cols: np.ndarray, shape: tuple[int, int]) -> bool:
@@ -152,9 +151,15 @@ def _certificate_loop(indptr, indices, data, theta, n, m, a_rows, a_cols, p_rows
             else:  # an inactive row one way; an active row's multiplier is >= 0 (max(., 0) keeping NaN)
                 C[i, n + m + r] = (1.0 - on) * (res if not res <= 0.0 else 0.0)
                 C[i, n + 2 * m + r - z0] = on * (-w if not -w <= 0.0 else 0.0)
-    return C, S
+    worst = 0.0  # the largest |C| / S: what the engine compares with its tolerance (NaN counts as inf)
+    for i in range(C.shape[0]):
+        for j in range(C.shape[1]):
+            a, s = abs(C[i, j]), S[i, j]
+            if not a <= s * worst:  # only a component that might raise it is divided
+                worst = np.inf if not (s > 0.0 and a == a) else max(worst, a / s)
+    return C, S, worst
 
 
 _I, _F1, _F2 = "int32[::1]", "float64[::1]", "float64[:, ::1]"
-_KERNEL = Kernel(_certificate_loop, f"Tuple(({_F2}, {_F2}))({_I}, {_I}, {_F1}, {_F2}, int64, int64, {_I}, {_I}, {_I}, "
-                                    f"{_I}, boolean, boolean, {_F2}, {_F2}, int64)")
+_KERNEL = Kernel(_certificate_loop, f"Tuple(({_F2}, {_F2}, float64))({_I}, {_I}, {_F1}, {_F2}, int64, int64, "
+                                    f"{_I}, {_I}, {_I}, {_I}, boolean, boolean, {_F2}, {_F2}, int64)")

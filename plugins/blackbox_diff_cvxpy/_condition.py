@@ -323,7 +323,8 @@ class ConeCondition(AbstractCondition):
         stated = program.sparse_certificate()(z, active, values)  # one compiled pass; None without numba
         if stated is None:
             stated = polyhedral_certificate(*dense())
-        return (*stated, lambda: polyhedral_term_sizes(*dense()))
+        certificate, lower, worst = stated
+        return certificate, lower, lambda: polyhedral_term_sizes(*dense()), worst
 
     def jacobian(self, z: torch.Tensor, active: torch.Tensor, data: tuple) -> torch.Tensor:
         """dF/dz assembled from the data: [[P, A^T Dy], [rows of A, Ds]] (dense, one instance)."""

@@ -125,8 +125,8 @@ class QPCondition(AbstractCondition):
         Q, p, G, h, A, b = (float64_numpy(t) if bt else float64_numpy(t)[None]
                             for t, bt in zip(params, batched, strict=True))
         data = (z, kept, active, Q, p, A, b, G, h)
-        certificate, lower = polyhedral_certificate(*data, symmetric=True)
-        return certificate, lower, lambda: polyhedral_term_sizes(*data, symmetric=True)
+        certificate, lower, worst = polyhedral_certificate(*data, symmetric=True)
+        return certificate, lower, lambda: polyhedral_term_sizes(*data, symmetric=True), worst
 
     # --- answer -> unknowns -> outputs ------------------------------------------------------------
     def prepare(self, solution: Any, params: tuple, options: Any) -> tuple[torch.Tensor, tuple]:
