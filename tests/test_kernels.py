@@ -19,6 +19,14 @@ from blackbox_diff.linalg import Kernel, kernels_enabled, use_kernels
 numba = pytest.importorskip("numba")  # the `fast` extra; CI installs it (make install: .[all,...])
 
 
+@pytest.fixture(autouse=True)
+def _kernels_on():
+    """These tests are about the compiled code: on even where BLACKBOX_DIFF_KERNELS=0 runs the rest in numpy."""
+    previous = use_kernels(True)
+    yield
+    use_kernels(previous)
+
+
 @pytest.fixture
 def numpy_path():
     """Run the block with the compiled kernels off (the numpy path), then restore."""
@@ -148,9 +156,9 @@ def test_casadi_certificate_and_row_scan_kernels_are_the_numpy_ones(point):
 
     pytest.importorskip("casadi")
     import torch
+    from blackbox_diff_casadi import _active
 
     import blackbox_diff as bbd
-    from blackbox_diff_casadi import _active
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
     import mpc_imitation

@@ -32,9 +32,11 @@ def answer_dtype_device(params: Sequence[Any]) -> tuple[torch.dtype, torch.devic
 def float64_numpy(t: torch.Tensor) -> np.ndarray:
     """A tensor's values as a float64 numpy array on the CPU, for a condition's numpy `certify`: the tensor's
     own memory when it already is one (no copy, no autograd), else a converted copy."""
-    if t.dtype is torch.float64 and t.is_cpu and not t.requires_grad:
-        return t.numpy()
-    return t.detach().to("cpu", torch.float64).numpy()
+    try:
+        a = t.numpy()  # raises for a tensor on a GPU or one that requires grad
+    except (TypeError, RuntimeError):
+        return t.detach().to("cpu", torch.float64).numpy()
+    return a if a.dtype == np.float64 else a.astype(np.float64)
 
 
 def owned_tensor(value: Any, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

@@ -132,6 +132,7 @@ class Call(abc.ABC):
     # --- the shared run ---------------------------------------------------------------------------
     def run(self, params: list[torch.Tensor]) -> torch.Tensor:
         """answers -> certification -> system; returns Z (B, n) with NaN rows for failed instances."""
+        params = [p.detach() if p.requires_grad else p for p in params]  # once, for everything below
         ans = self.answers(params)
         # A tensor of its own: a view (a solver's reshaped iterate) as the Function's output would make forward
         # mode give its tangent the view's layout.
@@ -307,7 +308,7 @@ class Call(abc.ABC):
         sub = system if full else system.rows(rows)
         Zs = Z if full else Z[rows]
         Zs = Zs.detach() if Zs.requires_grad else Zs
-        Ps = [p.detach() if p.requires_grad else p for p in (params if full else sub.params_rows(params, rows))]
+        Ps = params if full else sub.params_rows(params, rows)  # detached by `run`
         C, scale, exact, worst = self._certificate(sub, Zs, Ps, R)
         if worst is not None and worst <= tol:  # the condition's own scan: every |C| <= tol * scale
             return None

@@ -71,9 +71,9 @@ class Kernel:
 
     def __call__(self, *args: Any) -> Any:
         """The compiled function on `args` (callers check `compiled()` first). Arrays the signature does not
-        take as they are (strided, read-only) are copied and the call retried, so the usual call pays no
-        conversion."""
-        fn = self.compiled()
+        take as they are (strided, read-only, float32) are copied (C order, floating arrays as float64) and
+        the call retried, so the usual call pays no conversion."""
+        fn = self._compiled if self._tried else self.compiled()
         try:
             return fn(*args)
         except TypeError:  # numba: no matching definition for these array layouts
@@ -94,7 +94,11 @@ class Kernel:
 def _contiguous(a: Any) -> Any:
     import numpy as np
 
-    if isinstance(a, np.ndarray) and not (a.flags.c_contiguous and a.flags.writeable):
+    if not isinstance(a, np.ndarray):
+        return a
+    if a.dtype.kind == "f" and a.dtype != np.float64:
+        return np.array(a, dtype=np.float64, order="C")
+    if not (a.flags.c_contiguous and a.flags.writeable):
         return np.array(a, order="C")
     return a
 

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._kernels import Kernel, kernel_array
+from ._kernels import Kernel
 
 __all__ = ["polyhedral_certificate", "polyhedral_term_sizes"]
 
@@ -42,7 +42,7 @@ def polyhedral_certificate(Z: np.ndarray, on_E: np.ndarray, on_G: np.ndarray, P:
     from the compiled loop; None from the numpy path (the engine then tests the arrays)."""
     if _KERNEL.compiled() is not None:
         quad = P is not None
-        return _KERNEL(*map(kernel_array, (Z, on_E, on_G, P if quad else _EMPTY, c, E, e, G, h)), quad, symmetric)
+        return _KERNEL(Z, on_E, on_G, P if quad else _EMPTY, c, E, e, G, h, quad, symmetric)
     B, n, pe = Z.shape[0], c.shape[1], e.shape[1]
     x, y, on = Z[:, :n], Z[:, n:], np.concatenate([on_E, on_G], axis=1)
     H, rhs = _stack(E, G, B, 1), _stack(e, h, B, 1)

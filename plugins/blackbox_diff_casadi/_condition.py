@@ -45,7 +45,7 @@ class CasadiSolution:
 
 def _flat_params(params: tuple[torch.Tensor, ...]) -> np.ndarray:
     """Stack parameters column-major (CasADi's vec) into one float64 vector."""
-    parts = [float64_numpy(t).reshape(-1, order="F") for t in params]
+    parts = [float64_numpy(t).ravel(order="F") for t in params]
     return np.concatenate(parts) if parts else np.zeros(0)  # a copy: the tensors' memory is not kept
 
 

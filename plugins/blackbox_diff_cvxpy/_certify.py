@@ -54,10 +54,24 @@ class SparseCertificate:
         n, m = program.n, program.m
         self.dense = (_whole(program.A_rows, program.A_cols, (m, n)), _whole(program.P_rows, program.P_cols, (n, n)))
         self.pieces, self.n_theta = program.pieces, program.n_theta
+        # Every block plain and the blocks tiling theta in order: theta is one concatenation of the values
+        ends = [piece.offset + piece.size for piece in self.pieces]
+        self.tiled = all(self.plain) and [piece.offset for piece in self.pieces] == [0, *ends[:-1]] and \
+            (ends[-1] if ends else 0) == self.n_theta
+        self.order = [piece.index for piece in self.pieces]
+        self._ones: dict[int, np.ndarray] = {}
         self.n, self.m, self.zero = program.n, program.m, program.cones.zero
 
     def theta_rows(self, values: list[np.ndarray], B: int) -> np.ndarray:
         """theta (B, n_theta + 1), plain blocks in C order (as M's renumbered columns read them)."""
+        if self.tiled:
+            blocks = [values[i].reshape(values[i].shape[0], -1) for i in self.order]
+            if all(b.shape[0] == B for b in blocks):  # no shared parameter to broadcast: one concatenation
+                ones = self._ones.get(B)
+                if ones is None:
+                    ones = self._ones.setdefault(B, np.ones((B, 1)))
+                blocks.append(ones)
+                return np.concatenate(blocks, axis=1)
         theta = np.empty((B, self.n_theta + 1))
         for piece, plain in zip(self.pieces, self.plain, strict=True):
             v = values[piece.index]

@@ -487,6 +487,8 @@ class ConeCondition(AbstractCondition):
 
     def degeneracy(self, z: torch.Tensor, aux: tuple, params: tuple, options: Any) -> Any:
         """The admissible active sets of the polyhedral rows at a degenerate answer (`_degenerate`)."""
+        if aux[3].item() == REGULAR:  # the usual case, decided here: this runs after every instance's solve
+            return None
         return cone_degeneracy(self, z, aux, params, options)
 
     def finish(self, z: torch.Tensor, aux: tuple, options: Any) -> Any:
