@@ -10,6 +10,7 @@ import time
 import traceback
 from pathlib import Path
 
+from blackbox_diff.linalg import describe_kernels
 from blackbox_diff.plugin import backends
 from blackbox_diff.tools import add_replay_arguments, run_replay
 
@@ -86,6 +87,8 @@ def _cmd_plugins(args: argparse.Namespace) -> int:
         print("  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
         if k == 0:
             print("  ".join("-" * w for w in widths))
+    print()
+    print(describe_kernels())
     return 0
 
 

@@ -9,6 +9,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 import blackbox_diff as bbd
@@ -21,9 +22,26 @@ def test_plugins_lists_the_builtin_backends_as_available(capsys):
     assert cli.main(["plugins"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].split()[:3] == ["name", "package", "available"]
-    rows = {line.split()[0]: line.split() for line in lines[2:]}
+    table = lines[2 : lines.index("")]
+    rows = {line.split()[0]: line.split() for line in table}
     for name in ("scipy", "subprocess", "cvxpy", "casadi"):
         assert rows[name][2] == "yes", rows[name]
+    assert lines[-1].startswith("answer checks: ")
+
+
+def test_plugins_says_whether_the_answer_checks_are_compiled(capsys):
+    # The `fast` extra (numba) is installed here (CI installs every extra): compiled, and numpy once off.
+    from blackbox_diff.plugin import use_kernels
+
+    numba = pytest.importorskip("numba")
+    assert cli.main(["plugins"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == f"answer checks: compiled loops (numba {numba.__version__})"
+    previous = use_kernels(False)
+    try:
+        assert cli.main(["plugins"]) == 0
+    finally:
+        use_kernels(previous)
+    assert "answer checks: numpy (numba" in capsys.readouterr().out.splitlines()[-1]
 
 
 def test_demo_list_shows_every_example_with_its_title(capsys):

@@ -21,7 +21,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["KERNELS_ENV", "Kernel", "kernel_array", "kernels_enabled", "use_kernels"]
+__all__ = ["KERNELS_ENV", "Kernel", "describe_kernels", "kernel_array", "kernels_enabled", "use_kernels"]
 
 #: Set to 0 to run the checks' numpy paths even where numba is installed.
 KERNELS_ENV = "BLACKBOX_DIFF_KERNELS"
@@ -32,6 +32,19 @@ _state = {"enabled": os.environ.get(KERNELS_ENV, "1").strip().lower() not in ("0
 def kernels_enabled() -> bool:
     """Whether `Kernel.compiled` may return compiled code (numba must also be importable)."""
     return _state["enabled"]
+
+
+def describe_kernels() -> str:
+    """One line for `blackbox-diff plugins`: whether the answer checks run as compiled loops, and why not."""
+    import importlib.metadata
+    import importlib.util
+
+    if importlib.util.find_spec("numba") is None:
+        return 'answer checks: numpy (pip install "blackbox-diff[fast]" for compiled loops)'
+    version = importlib.metadata.version("numba")
+    if not _state["enabled"]:
+        return f"answer checks: numpy (numba {version} installed; switched off by {KERNELS_ENV}=0 or use_kernels)"
+    return f"answer checks: compiled loops (numba {version})"
 
 
 def use_kernels(enabled: bool) -> bool:
