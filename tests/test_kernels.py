@@ -196,3 +196,16 @@ def test_casadi_certificate_and_row_scan_kernels_are_the_numpy_ones(point):
     ratio[np.isnan(C)] = np.inf
     assert worst == pytest.approx(ratio.max(), rel=1e-12)
     assert (worst == np.inf) == (point == "nan multiplier") and (worst < 1e-9) == (point == "answer")
+
+
+def test_a_kernel_numba_cannot_compile_falls_back_to_numpy_with_a_warning():
+    # A broken numba/LLVM (here: a signature numba rejects) must not break a forward: warn once, numpy path.
+    kernel = Kernel(_identity, "not_a_type(float64)")
+    with pytest.warns(RuntimeWarning, match="runs in numpy instead"):
+        assert kernel.compiled() is None
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert kernel.compiled() is None  # tried once: no second warning, no second attempt
+    assert not caught

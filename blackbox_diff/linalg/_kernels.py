@@ -121,4 +121,12 @@ def _compile(fn: Callable, signature: str) -> Callable | None:
         import numba
     except ImportError:
         return None
-    return numba.njit(signature, cache=True, nogil=True, fastmath={"reassoc", "contract"})(fn)
+    try:
+        return numba.njit(signature, cache=True, nogil=True, fastmath={"reassoc", "contract"})(fn)
+    except Exception as err:  # noqa: BLE001 - a broken numba/LLVM install must not break a forward
+        import warnings
+
+        warnings.warn(f"Compiling the check {fn.__name__!r} with numba failed ({type(err).__name__}: {err}); it runs "
+                      f"in numpy instead (same values, slower). Set {KERNELS_ENV}=0 to skip numba.", RuntimeWarning,
+                      stacklevel=4)
+        return None
