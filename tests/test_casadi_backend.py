@@ -352,7 +352,7 @@ def test_thread_executor_gives_the_serial_answer():
     assert pt.grad.numpy() == pytest.approx(np.cos([0.1, 0.5, 0.9, 1.3]) / 2, abs=1e-7)
 
 
-def test_weakly_active_bound_warns_and_keeps_it_active():
+def test_weakly_active_bound_warns_and_keeps_it_active(check_path):
     # min (x - p)^2 s.t. x <= 0 at p = 0: slack and multiplier both vanish.
     x, p = ca.SX.sym("x"), ca.SX.sym("p")
     layer = bbd.layer({"x": x, "p": p, "f": (x - p) ** 2, "g": x}, ubg=0.0, solver_options=TIGHT)
@@ -374,7 +374,7 @@ def test_process_executor_pickles_the_solver_and_gives_the_serial_answer():
 
 
 @pytest.mark.parametrize("adjoint", ["sparse_lu", "engine"])
-def test_dependent_active_constraints_give_the_derivative_that_exists_without_warning(adjoint):
+def test_dependent_active_constraints_give_the_derivative_that_exists_without_warning(adjoint, check_path):
     # x <= p twice (once scaled by 2): both rows active, the KKT matrix singular, the multipliers not unique;
     # either row alone states the same point with dx/dp = 1, so the derivative exists and is exact.
     opti = ca.Opti()

@@ -465,7 +465,7 @@ CERTIFIED = {"qplayer": _qp_certified, "cvxpy": _cvxpy_certified, "casadi": _cas
 
 @pytest.mark.parametrize("s", [1e-9, 1e-6, 1.0, 1e6, 1e9], ids=lambda s: f"units-{s:g}")
 @pytest.mark.parametrize("backend", [*CERTIFIED, "bbd.KKT"])
-def test_answer_off_by_a_little_beside_a_large_multiplier_is_refused_in_any_units(backend, s):
+def test_answer_off_by_a_little_beside_a_large_multiplier_is_refused_in_any_units(backend, s, check_path):
     # The certificate's parts are floored in their own units (certificate_blocks): with the objective in
     # units of 1e-6 the constraint rows' terms (~1) no longer set the floor of the stationarity rows (~1e-6).
     if backend == "bbd.KKT":  # the engine's own KKT condition, for comparison (the issue's case)
@@ -482,7 +482,7 @@ def test_answer_off_by_a_little_beside_a_large_multiplier_is_refused_in_any_unit
 # solve these accurately, and certification rightly refuses their answers.
 @pytest.mark.parametrize("s", [1e-6, 1.0, 1e6], ids=lambda s: f"units-{s:g}")
 @pytest.mark.parametrize("backend", list(CERTIFIED))
-def test_accurate_answer_beside_a_large_multiplier_is_accepted_in_any_units(backend, s):
+def test_accurate_answer_beside_a_large_multiplier_is_accepted_in_any_units(backend, s, check_path):
     x, h = CERTIFIED[backend](s, spoil=False)
     np.testing.assert_allclose(x.detach().numpy(), [2.0, 1.0], atol=1e-6)
     (g,) = torch.autograd.grad(x[0], h)
@@ -491,7 +491,7 @@ def test_accurate_answer_beside_a_large_multiplier_is_accepted_in_any_units(back
 
 @pytest.mark.parametrize("adjoint", ["sparse_lu", "engine"])
 @pytest.mark.parametrize("p", [-1e-5, -1e-6, -1e-7])
-def test_ipopt_answer_near_an_inactive_bound_is_accepted_with_derivative_one(p, adjoint):
+def test_ipopt_answer_near_an_inactive_bound_is_accepted_with_derivative_one(p, adjoint, check_path):
     # IPOPT (default tolerance) leaves x ~ -4e-5 and a multiplier ~8e-5 here: both at its complementarity
     # level. The active set is settled by polishing (x = 0 would need a negative multiplier), so the answer
     # is x = p exactly, inactive, derivative 1, and certified.
@@ -532,7 +532,7 @@ def test_more_weak_rows_than_the_toolkit_compares_is_said_not_silent():
 
 
 # --- certification of a whole batch in one numpy pass (AbstractCondition.certify) ---------------------------------
-def test_qp_batch_certification_judges_each_row_by_its_own_data_and_fails_only_the_spoiled_one():
+def test_qp_batch_certification_judges_each_row_by_its_own_data_and_fails_only_the_spoiled_one(check_path):
     # The QP condition certifies the batch at once, Q shared (broadcast) and h per instance. Row 1 is spoiled;
     # rows 0 and 2 differ from it only in h. A batch certificate that mixed rows, or broadcast the wrong
     # operand, would refuse the good rows or pass the spoiled one.
