@@ -108,10 +108,12 @@ def test_from_the_wheel_in_an_empty_directory_plugins_lists_the_builtin_backends
     proc = subprocess.run([str(venv / "bin" / "blackbox-diff"), "plugins"], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
-    rows = {line.split()[0]: line.split() for line in proc.stdout.splitlines()[2:]}
+    lines = proc.stdout.splitlines()
+    rows = {line.split()[0]: line.split() for line in lines[2 : lines.index("")]}
     assert set(rows) == set(BUILTINS), proc.stdout
     for name in BUILTINS:
         assert rows[name][1:3] == ["blackbox-diff", "yes"], rows[name]
+    assert lines[-1].startswith("answer checks: "), proc.stdout  # compiled or numpy, and why
     assert list(tmp_path.iterdir()) == []  # nothing written where it ran
 
 
