@@ -154,7 +154,6 @@ def test_casadi_certificate_and_row_scan_kernels_are_the_numpy_ones(point):
     import sys
     from pathlib import Path
 
-    pytest.importorskip("casadi")
     import torch
     from blackbox_diff_casadi import _active
 

@@ -28,7 +28,7 @@ from ._bicgstab import bicgstab
 from ._cg import cg
 from ._dense import dense_solve, lstsq_solve, materialize
 from ._gmres import gmres
-from ._kernels import KERNELS_ENV, Kernel, describe_kernels, kernel_array, kernels_enabled, use_kernels
+from ._kernels import KERNELS_ENV, Kernel, describe_kernels, kernels_enabled, use_kernels
 from ._krylov import Matvec
 from ._minres import minres
 from ._neumann import neumann
@@ -45,7 +45,6 @@ __all__ = [
     "dense_solve",
     "describe_kernels",
     "gmres",
-    "kernel_array",
     "kernels_enabled",
     "lstsq_solve",
     "make_solution",

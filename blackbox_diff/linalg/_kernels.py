@@ -21,7 +21,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["KERNELS_ENV", "Kernel", "describe_kernels", "kernel_array", "kernels_enabled", "use_kernels"]
+__all__ = ["KERNELS_ENV", "Kernel", "describe_kernels", "kernels_enabled", "use_kernels"]
 
 #: Set to 0 to run the checks' numpy paths even where numba is installed.
 KERNELS_ENV = "BLACKBOX_DIFF_KERNELS"
@@ -52,17 +52,6 @@ def use_kernels(enabled: bool) -> bool:
     previous = _state["enabled"]
     _state["enabled"] = bool(enabled)
     return previous
-
-
-def kernel_array(a: Any, dtype: Any = None) -> Any:
-    """`a` as a kernel's signature takes arrays: C-contiguous, writable, of `dtype` (float64 by default); a copy
-    only when it is not (a strided view, a broadcast, another dtype), so one compiled signature serves."""
-    import numpy as np
-
-    dtype = np.float64 if dtype is None else dtype
-    if isinstance(a, np.ndarray) and a.flags.c_contiguous and a.flags.writeable and a.dtype == dtype:
-        return a
-    return np.array(a, dtype=dtype, order="C")
 
 
 class Kernel:

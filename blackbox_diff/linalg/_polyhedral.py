@@ -159,7 +159,10 @@ def _certificate_loop(Z, on_E, on_G, P, c, E, e, G, h, quad, symmetric):
         for r in range(m):
             v = -y[pe + r]
             C[i, n + 2 * pe + 2 * m + r] = on_G[i, r] * (v if not v <= 0.0 else 0.0)
-    worst = 0.0  # the largest |C| / S: what the engine compares with its tolerance (NaN counts as inf)
+    # The largest |C| / S, which the engine compares with its tolerance (NaN counts as inf). Written out in
+    # each kernel, not shared: numba's disk cache tracks only the kernel's own file, so a compiled helper
+    # from another module, changed later, would run stale.
+    worst = 0.0
     for i in range(C.shape[0]):
         for j in range(C.shape[1]):
             a, s = abs(C[i, j]), S[i, j]

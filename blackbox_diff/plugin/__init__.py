@@ -17,7 +17,7 @@ public names, so a third-party backend can do whatever they do.
 from __future__ import annotations
 
 from blackbox_diff.engine import answer_dtype_device, float64_numpy, owned_tensor
-from blackbox_diff.linalg import KERNELS_ENV, Kernel, kernel_array, kernels_enabled, use_kernels
+from blackbox_diff.linalg import KERNELS_ENV, Kernel, kernels_enabled, use_kernels
 from blackbox_diff.plugin._backend import AbstractBackend, BackendOptions, Compiled, parse_shapes
 from blackbox_diff.plugin._hookspecs import PROJECT_NAME, hookimpl
 from blackbox_diff.plugin._registry import (
@@ -54,7 +54,6 @@ __all__ = [
     "float64_numpy",
     "get_backend",
     "hookimpl",
-    "kernel_array",
     "kernels_enabled",
     "owned_tensor",
     "parse_shapes",

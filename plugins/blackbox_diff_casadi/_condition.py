@@ -234,7 +234,10 @@ def _certificate_loop(z, lo, up, F, c, lb, ub, terms, gf, rows, norms, n):
     for j in range(N + 2 * m):
         if not np.isfinite(S[j]):  # no size from a term that is not finite: judged by the floor
             S[j] = 0.0
-    worst = 0.0  # the largest |C| / S (NaN counts as inf)
+    # The largest |C| / S, which the engine compares with its tolerance (NaN counts as inf). Written out in
+    # each kernel, not shared: numba's disk cache tracks only the kernel's own file, so a compiled helper
+    # from another module, changed later, would run stale.
+    worst = 0.0
     for j in range(C.shape[0]):
         a, s = abs(C[j]), S[j]
         if not a <= s * worst:

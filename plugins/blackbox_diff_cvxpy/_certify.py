@@ -165,7 +165,10 @@ def _certificate_loop(indptr, indices, data, theta, n, m, a_rows, a_cols, p_rows
             else:  # an inactive row one way; an active row's multiplier is >= 0 (max(., 0) keeping NaN)
                 C[i, n + m + r] = (1.0 - on) * (res if not res <= 0.0 else 0.0)
                 C[i, n + 2 * m + r - z0] = on * (-w if not -w <= 0.0 else 0.0)
-    worst = 0.0  # the largest |C| / S: what the engine compares with its tolerance (NaN counts as inf)
+    # The largest |C| / S, which the engine compares with its tolerance (NaN counts as inf). Written out in
+    # each kernel, not shared: numba's disk cache tracks only the kernel's own file, so a compiled helper
+    # from another module, changed later, would run stale.
+    worst = 0.0
     for i in range(C.shape[0]):
         for j in range(C.shape[1]):
             a, s = abs(C[i, j]), S[i, j]
