@@ -3,10 +3,11 @@
 A check that runs after every forward (a certificate, a degeneracy screen) is a few dozen small array
 operations; in numpy each costs a microsecond or more of dispatch, which on small problems is most of the
 check. The same arithmetic as one compiled loop costs a few microseconds in all. `Kernel` wraps a function
-written with scalar loops: `compiled()` is that function compiled by numba on first use (cached on disk, one
-signature: every argument's layout is declared 'A', any strides), or None when numba is not installed or
-kernels are switched off (``BLACKBOX_DIFF_KERNELS=0``, `use_kernels`); callers then take their vectorised
-numpy path, which computes the same values (the tests compare the two).
+written with scalar loops: `compiled()` is that function compiled by numba on first use (one explicit
+signature, so one compilation per machine, cached on disk; calling the `Kernel` copies the arrays that
+signature does not take as they are), or None when numba is not installed, cannot compile it (a warning),
+or kernels are switched off (``BLACKBOX_DIFF_KERNELS=0``, `use_kernels`); callers then take their
+vectorised numpy path, which computes the same values (the tests compare the two).
 
 Compiled with ``fastmath={"reassoc", "contract"}`` only: sums may be reordered (vectorised) and fused, which
 changes round-off and nothing else; NaN and Inf keep their meaning (no ``nnan``/``ninf``), so a NaN answer
@@ -59,8 +60,9 @@ class Kernel:
 
     Args:
         fn: the Python function (numba's nopython subset).
-        signature: numba's signature string (e.g. ``"Tuple((f8[:, :], f8[:, :]))(f8[:, :], i8)"``); one
-            signature, so the kernel compiles once per machine whatever the arrays' strides.
+        signature: numba's signature string (e.g. ``"Tuple((f8[:, ::1], f8[:, ::1]))(f8[:, ::1], i8)"``); one
+            signature, so the kernel compiles once per machine (arrays it does not take as they are, strided,
+            read-only or float32, are copied by `__call__`).
     """
 
     def __init__(self, fn: Callable, signature: str) -> None:

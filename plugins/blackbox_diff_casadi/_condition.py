@@ -186,7 +186,8 @@ class CasadiKKT(AbstractCondition):
         x, lam = np.asarray(solution.x, dtype=np.float64), np.asarray(solution.lam, dtype=np.float64)
         z, alo, aup = settle(k, x, lam, p, options.active_tol, polish=self.polish)
         out = owned_tensor(z, *fmt), (owned_tensor(alo, *fmt), owned_tensor(aup, *fmt))
-        self._prepared[threading.get_ident()] = (out[0], *out[1], (z, alo, aup, p))
+        if fmt[0] is torch.float64 and fmt[1].type == "cpu":  # the tensors hold exactly these values
+            self._prepared[threading.get_ident()] = (out[0], *out[1], (z, alo, aup, p))
         return out
 
     def degeneracy(self, z: torch.Tensor, aux: tuple, params: tuple, options: Any) -> Any:
