@@ -38,7 +38,7 @@ def casadi_degeneracy(kernels, z: np.ndarray, alo: np.ndarray, aup: np.ndarray, 
     if not pt.suspect and not weak.any():
         return None
     x, lam = z[:n], z[n:]
-    _, lb, ub = kernels.constraint_values(x, p)
+    lb, ub = pt.lb, pt.ub  # the point's own bounds, as weak_rows read them
     eq = np.isfinite(lb) & (lb == ub)
     grad_f, Jc = kernels.dense_jacobians(x, p)
     norms = np.linalg.norm(Jc, axis=1)

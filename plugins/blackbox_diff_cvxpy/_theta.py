@@ -22,8 +22,8 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["ThetaPiece", "build_pieces", "sequential_pieces", "theta_batch", "theta_columns", "theta_numpy",
-           "theta_tangent", "theta_torch"]
+__all__ = ["ThetaPiece", "build_pieces", "sequential_pieces", "theta_columns", "theta_numpy", "theta_tangent",
+           "theta_torch"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,12 +127,6 @@ def sequential_pieces(parameters: list) -> list[ThetaPiece]:
 def theta_numpy(pieces: list[ThetaPiece], n_theta: int, params: list[np.ndarray]) -> np.ndarray:
     """theta (n_theta + 1: the constant 1 last) for one instance, from numpy parameter values."""
     return theta_columns(pieces, n_theta, [np.asarray(v, dtype=np.float64)[None] for v in params], 1)[:, 0]
-
-
-def theta_batch(pieces: list[ThetaPiece], n_theta: int, params: list[np.ndarray], B: int) -> np.ndarray:
-    """theta (B, n_theta + 1) for a batch: params[i] has a leading batch dimension of B or 1 (shared). The
-    transpose of `theta_columns` (a view)."""
-    return theta_columns(pieces, n_theta, params, B).T
 
 
 def theta_columns(pieces: list[ThetaPiece], n_theta: int, params: list[np.ndarray], B: int) -> np.ndarray:
